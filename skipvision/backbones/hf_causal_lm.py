@@ -1,0 +1,58 @@
+"""Any HF causal LM as the backbone, built from a config dict or loaded from a local folder / hub name.
+
+The model is an unmodified transformers model: Skip-FFN (METHOD.md section 3) attaches to it from outside, so
+checkpoints stay HF-loadable and any decoder with a per-layer ``mlp`` (Llama, Qwen2, Mistral, ...) works.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from skipvision.registry import BACKBONES
+
+TINY_LLAMA = {
+    "config": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 176,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    }
+}
+
+
+@BACKBONES.register("hf_causal_lm", tiny=TINY_LLAMA)
+def hf_causal_lm(
+    config: dict[str, Any] | None = None,
+    path: str | None = None,
+    attn_implementation: str = "sdpa",
+    vocab_size: int | None = None,
+) -> PreTrainedModel:
+    """Build ``AutoModelForCausalLM`` from ``config`` (needs ``model_type``) or load it from ``path``.
+
+    ``vocab_size`` is wired by the framework from the tokenizer: a config without one takes it, and a loaded
+    model whose embedding table is smaller than the tokenizer is resized (new rows initialised by HF).
+    """
+    if (config is None) == (path is None):
+        raise ValueError("hf_causal_lm: give exactly one of 'config' (a dict with model_type) or 'path'")
+    if path is not None:
+        if Path(path).exists() and not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"No config.json in backbone folder {path}")
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
+    else:
+        config = dict(config)
+        if "model_type" not in config:
+            raise ValueError("hf_causal_lm: 'config' needs a 'model_type' (e.g. llama, qwen2, mistral)")
+        if vocab_size is not None:
+            config.setdefault("vocab_size", vocab_size)
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(**config), attn_implementation=attn_implementation
+        )
+    if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    return model

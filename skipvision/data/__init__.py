@@ -1,0 +1,1 @@
+"""Data: synthetic shapes VQA, tokenizer, WebDataset pipeline, collate."""

@@ -1,0 +1,261 @@
+"""Deterministic synthetic visual question answering: coloured shapes on a dark background.
+
+"shapes" is the project's smoke-test dataset: small enough to generate offline in seconds, yet each
+answer depends on the image, so a vision-language model only beats the answer prior if its vision
+path actually works. Each sample is one image with 1-4 non-overlapping shapes and one question of one
+of five types (colour, shape, count, position, existence) with a one-word answer. Question types are
+drawn uniformly and yes/no answers are balanced, so no prior-only shortcut scores well.
+
+Everything derives from ``random.Random(seed)``: the same seed gives the same samples. Samples are
+stored LLaVA-style in WebDataset tar shards; the json also keeps the scene (``objects``) so answers
+can be checked.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+from skipvision.data.tokenizer import TEMPLATE_TEXTS, train_tokenizer
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 100, 240),
+    "yellow": (240, 230, 50),
+    "purple": (160, 60, 210),
+    "orange": (250, 140, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+QUESTION_TYPES = ("colour", "shape", "count", "position", "existence")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+MAX_OBJECTS = 4
+META_VERSION = 1
+# Seed offset for the val split so it never repeats train samples.
+VAL_SEED_OFFSET = 1_000_003
+
+Scene = list[dict[str, Any]]
+
+
+def _place_objects(rng: random.Random, image_size: int) -> Scene | None:
+    """Place 1-4 shapes whose bounding boxes keep a small gap, or None if one did not fit in 50 tries."""
+    min_size, max_size = round(image_size * 14 / 64), round(image_size * 20 / 64)
+    gap = max(1, image_size // 32)
+    objects: Scene = []
+    for _ in range(rng.randint(1, MAX_OBJECTS)):
+        for _attempt in range(50):
+            size = rng.randint(min_size, max_size)
+            half = size // 2
+            x = rng.randint(half + gap, image_size - 1 - half - gap)
+            y = rng.randint(half + gap, image_size - 1 - half - gap)
+            # Boxes are disjoint when they are separated along at least one axis.
+            if all(max(abs(x - o["x"]), abs(y - o["y"])) > half + o["size"] // 2 + gap for o in objects):
+                colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+                objects.append({"colour": colour, "shape": shape, "x": x, "y": y, "size": size})
+                break
+        else:
+            return None
+    return objects
+
+
+def _draw_scene(rng: random.Random, image_size: int) -> tuple[Image.Image, Scene]:
+    """Draw 1-4 shapes on dark grey; each spans ``x ± size // 2``, ``y ± size // 2`` (centre x, y)."""
+    while (objects := _place_objects(rng, image_size)) is None:
+        pass
+    grey = rng.randint(20, 60)
+    image = Image.new("RGB", (image_size, image_size), tuple(grey + rng.randint(-6, 6) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        half, fill = o["size"] // 2, COLOURS[o["colour"]]
+        box = (o["x"] - half, o["y"] - half, o["x"] + half, o["y"] + half)
+        if o["shape"] == "circle":
+            draw.ellipse(box, fill=fill)
+        elif o["shape"] == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(o["x"], box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    return image, objects
+
+
+def _ask(rng: random.Random, qtype: str, objects: Scene, image_size: int) -> tuple[str, str] | None:
+    """Return (question, answer) of type ``qtype`` about ``objects``, or None if the scene cannot support it.
+
+    Only unambiguous questions are produced; ``image_size`` sets the minimum gap for position questions.
+    """
+
+    def count(key: str, value: str) -> int:
+        return sum(o[key] == value for o in objects)
+
+    if qtype == "colour":
+        unique = [o for o in objects if count("shape", o["shape"]) == 1]
+        if not unique:
+            return None
+        o = rng.choice(unique)
+        return f"What colour is the {o['shape']}?", o["colour"]
+    if qtype == "shape":
+        unique = [o for o in objects if count("colour", o["colour"]) == 1]
+        if not unique:
+            return None
+        o = rng.choice(unique)
+        return f"What shape is the {o['colour']} object?", o["shape"]
+    if qtype == "count":
+        shape = rng.choice((None, *SHAPES))
+        if shape is None:
+            return "How many shapes are there?", NUMBER_WORDS[len(objects)]
+        return f"How many {shape}s are there?", NUMBER_WORDS[count("shape", shape)]
+    if qtype == "position":
+        axis, relation = rng.choice((("x", "left of"), ("y", "above")))
+        described = [
+            o
+            for o in objects
+            if sum(o["colour"] == p["colour"] and o["shape"] == p["shape"] for p in objects) == 1
+        ]
+        # Pairs (a, b) with a clearly left of / above b, so the answer is unambiguous to the eye.
+        pairs = [(a, b) for a in described for b in described if b[axis] - a[axis] >= image_size // 8]
+        if not pairs:
+            return None
+        a, b = rng.choice(pairs)
+        answer = rng.choice(("yes", "no"))
+        if answer == "no":
+            a, b = b, a
+        return f"Is the {a['colour']} {a['shape']} {relation} the {b['colour']} {b['shape']}?", answer
+    if qtype == "existence":
+        present = {(o["colour"], o["shape"]) for o in objects}
+        answer = rng.choice(("yes", "no"))
+        if answer == "yes":
+            colour, shape = rng.choice(sorted(present))
+        else:
+            colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
+        article = "an" if colour[0] in "aeiou" else "a"
+        return f"Is there {article} {colour} {shape}?", answer
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+
+
+def make_sample(rng: random.Random, image_size: int) -> tuple[Image.Image, dict[str, Any]]:
+    """Draw one scene and one question about it; the scene is redrawn until the chosen type is askable."""
+    qtype = rng.choice(QUESTION_TYPES)
+    while True:
+        image, objects = _draw_scene(rng, image_size)
+        qa = _ask(rng, qtype, objects, image_size)
+        if qa is not None:
+            break
+    question, answer = qa
+    sample = {
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + question},
+            {"from": "gpt", "value": answer},
+        ],
+        "qtype": qtype,
+        "objects": objects,
+    }
+    return image, sample
+
+
+def write_split(
+    out_dir: Path, split: str, num_samples: int, seed: int, image_size: int, shard_size: int
+) -> list[str]:
+    """Write ``num_samples`` samples as shards ``out_dir/split/shapes-{split}-NNNNNN.tar``.
+
+    Returns the shard paths relative to ``out_dir`` (e.g. ``"train/shapes-train-000000.tar"``), in order.
+    Tar member mtimes are fixed so the same seed gives byte-identical shards.
+    """
+    split_dir = Path(out_dir) / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    pattern = str(split_dir).replace("%", "%%") + f"/shapes-{split}-%06d.tar"
+    written: list[str] = []
+    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0.0, post=written.append) as sink:
+        for index in range(num_samples):
+            image, sample = make_sample(rng, image_size)
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            sink.write(
+                {
+                    "__key__": f"{split}-{index:07d}",
+                    "png": png.getvalue(),
+                    "json": json.dumps(sample, sort_keys=True).encode("utf-8"),
+                }
+            )
+    return [f"{split}/{Path(fname).name}" for fname in written]
+
+
+def _conversation_texts(root: Path, shards: list[str]) -> list[str]:
+    """All conversation turns stored in the json members of ``shards``."""
+    texts = []
+    for shard in shards:
+        with tarfile.open(root / shard) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    sample = json.load(tar.extractfile(member))
+                    texts.extend(turn["value"] for turn in sample["conversations"])
+    return texts
+
+
+def generate_shapes(
+    out_dir: str | Path,
+    num_train: int = 20000,
+    num_val: int = 1000,
+    seed: int = 0,
+    image_size: int = 64,
+    shard_size: int = 1000,
+    vocab_size: int = 512,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Generate train/val shards, a tokenizer (``out_dir/tokenizer``) and ``out_dir/meta.json``.
+
+    Everything is written to a temporary sibling folder that is renamed into place at the end, so an
+    interrupted run never leaves a dataset that :func:`dataset_is_complete` accepts. An existing empty
+    ``out_dir`` is replaced; a non-empty one raises ``FileExistsError`` unless ``overwrite`` is set.
+    Returns the meta dict.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to regenerate the shapes dataset")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        train_shards = write_split(tmp, "train", num_train, seed, image_size, shard_size)
+        val_shards = write_split(tmp, "val", num_val, seed + VAL_SEED_OFFSET, image_size, shard_size)
+        texts = _conversation_texts(tmp, train_shards) + list(TEMPLATE_TEXTS)
+        train_tokenizer(texts, tmp / "tokenizer", vocab_size=vocab_size)
+        meta = {
+            "seed": seed,
+            "image_size": image_size,
+            "num_train": num_train,
+            "num_val": num_val,
+            "shard_size": shard_size,
+            "train_shards": train_shards,
+            "val_shards": val_shards,
+            "question_types": list(QUESTION_TYPES),
+            "version": META_VERSION,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def dataset_is_complete(out_dir: str | Path) -> bool:
+    """True if ``out_dir/meta.json`` exists and every shard it lists is on disk."""
+    meta_path = Path(out_dir) / "meta.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return all((Path(out_dir) / s).is_file() for s in meta["train_shards"] + meta["val_shards"])

@@ -1,0 +1,115 @@
+"""HF vision towers (CLIP, SigLIP) as vision encoders, built from a config dict or a local folder.
+
+LLaVA takes the penultimate layer's hidden states of CLIP ViT-L/14-336 without the CLS token (METHOD.md
+section 2); ``feature_layer`` indexes ``hidden_states`` the same way (-2 = penultimate layer's output). Layers past
+the feature layer are removed; the unused post-norm/pooling head is frozen so DDP sees no unused trainable weight.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+from skipvision.encoders.base import VisionEncoder
+from skipvision.registry import ENCODERS
+
+TINY_TOWER = {
+    "config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+}
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+class HFVisionTower(VisionEncoder):
+    """A transformers vision model; ``prefix_tokens`` leading tokens (CLIP's CLS) are dropped from the output."""
+
+    def __init__(
+        self,
+        model_cls: type[nn.Module],
+        config_cls: type,
+        prefix_tokens: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        config: dict[str, Any] | None,
+        path: str | None,
+        feature_layer: int,
+        attn_implementation: str,
+    ) -> None:
+        super().__init__()
+        if (config is None) == (path is None):
+            raise ValueError(f"{model_cls.__name__}: give exactly one of 'config' (a dict) or 'path' (a folder)")
+        if path is not None:
+            if not (Path(path) / "config.json").is_file():
+                raise FileNotFoundError(f"No config.json in vision tower folder {path}")
+            self.tower = model_cls.from_pretrained(path, attn_implementation=attn_implementation)
+            mean, std = _processor_stats(Path(path), mean, std)
+        else:
+            self.tower = model_cls(config_cls(**config, attn_implementation=attn_implementation))
+        cfg = self.tower.config
+        body = getattr(self.tower, "vision_model", self.tower)  # transformers 5 flattened CLIP/SigLIP towers
+        layers = body.encoder.layers
+        keep = feature_layer + 1 if feature_layer >= 0 else len(layers) + 1 + feature_layer
+        if not 0 <= keep <= len(layers):
+            raise ValueError(f"feature_layer {feature_layer} is out of range for {len(layers)} layers")
+        del layers[keep:]
+        for name, param in body.named_parameters():
+            if not name.startswith(("embeddings.", "pre_layrnorm.", "encoder.")):
+                param.requires_grad_(False)
+        self.prefix_tokens = prefix_tokens
+        self.out_dim = cfg.hidden_size
+        self.image_size = (cfg.image_size, cfg.image_size)
+        self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2
+        self.mean, self.std = mean, std
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
+        return out.hidden_states[-1][:, self.prefix_tokens :]  # [B, N, C]
+
+
+def _processor_stats(path: Path, mean: tuple, std: tuple) -> tuple[tuple, tuple]:
+    """Normalisation from the folder's preprocessor_config.json when it has one."""
+    cfg_file = path / "preprocessor_config.json"
+    if not cfg_file.is_file():
+        return mean, std
+    cfg = json.loads(cfg_file.read_text())
+    return tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+
+
+@ENCODERS.register("hf_clip", tiny=TINY_TOWER)
+def hf_clip(
+    config: dict[str, Any] | None = None,
+    path: str | None = None,
+    feature_layer: int = -2,
+    attn_implementation: str = "sdpa",
+) -> HFVisionTower:
+    """CLIP vision tower (``CLIPVisionModel``); a full CLIP checkpoint folder works too. CLS dropped."""
+    return HFVisionTower(
+        CLIPVisionModel, CLIPVisionConfig, 1, CLIP_MEAN, CLIP_STD, config, path, feature_layer, attn_implementation
+    )
+
+
+@ENCODERS.register("hf_siglip", tiny=TINY_TOWER)
+def hf_siglip(
+    config: dict[str, Any] | None = None,
+    path: str | None = None,
+    feature_layer: int = -2,
+    attn_implementation: str = "sdpa",
+) -> HFVisionTower:
+    """SigLIP vision tower (``SiglipVisionModel``); it has no CLS token."""
+    return HFVisionTower(
+        SiglipVisionModel, SiglipVisionConfig, 0, SIGLIP_MEAN, SIGLIP_STD, config, path, feature_layer,
+        attn_implementation,
+    )

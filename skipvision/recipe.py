@@ -1,0 +1,234 @@
+"""YAML recipes: the schema, ``defaults:`` inheritance, ``key=value`` overrides and validation.
+
+A recipe is plain omegaconf YAML checked against the dataclass schema below. Unknown keys fail with the key's
+full path, close matches and the valid keys at that level; wrong types fail with omegaconf's message. Component
+specs (``model.encoder`` ...) are free-form here and validated by the registry against the builder's signature.
+Merging rule for component specs: when an override names a different ``name``/``preset``, it replaces the spec
+instead of merging into it (so switching ``timm`` -> ``hf_clip`` does not inherit timm's arguments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe could not be loaded or validated; the message names the key or file."""
+
+
+@dataclass
+class ShapesConfig:
+    """Synthetic shapes VQA generated into ``data.root`` on first use (skipvision.data.shapes)."""
+
+    generate: bool = True
+    num_train: int = 20000
+    num_val: int = 1000
+    image_size: int = 64
+    seed: int = 0
+    shard_size: int = 1000
+    vocab_size: int = 512
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/shapes"
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    train_shards: str | None = None  # brace pattern or glob; default: <root>/train/*.tar
+    val_shards: str | None = None  # default: <root>/val/*.tar
+    tokenizer: str | None = None  # default: <root>/tokenizer
+    batch_size: int = 32
+    val_batch_size: int = 64
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    max_length: int = 256
+    on_error: str = "skip"  # skip (count and go on) | raise (fail naming the shard and sample)
+    limit_val_samples: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    encoder: Any = field(default_factory=lambda: {"name": "timm", "model_name": "vit_tiny_patch16_224"})
+    projector: Any = "mlp2x_gelu"
+    backbone: Any = field(default_factory=lambda: {"name": "hf_causal_lm", "config": {"model_type": "llama"}})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    lr_encoder: float | None = None  # None: optim.lr
+    lr_projector: float | None = None
+    lr_llm: float | None = None
+    freeze_encoder: bool = False
+    freeze_projector: bool = False
+    freeze_llm: bool = False
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    val_check_interval: int | None = None  # steps; None: validate at the end only
+    limit_val_batches: int | None = None
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    logger: str = "csv"  # csv | tensorboard | none
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int | None = None  # None: only at the end of fit
+    save_last: bool = True
+    resume: str | None = None  # None | last | path to a .ckpt
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 4
+    generate: bool = True  # greedy-decode answers during validation for answer accuracy
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs/${name}"
+    imports: list[str] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """A recipe path, or a bare name looked up in the repository's recipes/ folder."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    named = RECIPE_DIR / f"{recipe}.yaml"
+    if named.is_file():
+        return named
+    available = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    raise RecipeError(f"Recipe {str(recipe)!r} not found. Recipes in {RECIPE_DIR}: {', '.join(available)}")
+
+
+def _read_with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"Recipe defaults form a cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    except (OSError, OmegaConfBaseException) as err:
+        raise RecipeError(f"Cannot read recipe {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise RecipeError(f"Recipe {path} must be a mapping, got {type(raw).__name__}")
+    merged: dict[str, Any] = {}
+    for parent in raw.pop("defaults", []) or []:
+        parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+        if not parent_path.is_file():
+            raise RecipeError(f"Recipe {path} lists defaults {parent!r}, but {parent_path} does not exist")
+        merged = merge_specs(merged, _read_with_defaults(parent_path, (*seen, path)))
+    return merge_specs(merged, raw)
+
+
+def merge_specs(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` into ``base``; a mapping whose ``name``/``preset`` changes is replaced whole."""
+    out = dict(base)
+    for key, value in override.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict) and not _switches_component(old, value):
+            out[key] = merge_specs(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _switches_component(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return any(k in new and new[k] != old.get(k) for k in ("name", "preset"))
+
+
+def _check_keys(tree: Any, schema: type, where: str) -> None:
+    if not isinstance(tree, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key, value in tree.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            level = f"under '{where}'" if where else "at the top level"
+            raise RecipeError(f"Unknown recipe key '{full}'.{hint} Valid keys {level}: {', '.join(fields)}.")
+        if dataclasses.is_dataclass(hints[key]):
+            _check_keys(value, hints[key], full)
+
+
+def build_recipe(tree: dict[str, Any], overrides: list[str] | None = None) -> DictConfig:
+    """Validate a recipe tree plus ``key=value`` overrides against the schema; returns a resolved DictConfig."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"Override {item!r} is not of the form key=value")
+    try:
+        dot = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides or [])), resolve=False)
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"Bad override: {err}") from err
+    tree = merge_specs(tree, dot)  # type: ignore[arg-type]
+    _check_keys(tree, Recipe, "")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Recipe), tree)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"Invalid recipe value: {err}") from err
+    _check_choices(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    choices = {
+        "data.on_error": ("skip", "raise"),
+        "trainer.logger": ("csv", "tensorboard", "none"),
+        "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"),
+    }
+    for key, valid in choices.items():
+        value = str(OmegaConf.select(cfg, key))
+        if value not in valid:
+            raise RecipeError(f"Recipe key '{key}' is {value!r}; valid values: {', '.join(valid)}")
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """Load a recipe file (with its ``defaults:`` chain) and apply ``key=value`` overrides."""
+    return build_recipe(_read_with_defaults(find_recipe(recipe)), overrides)
+
+
+def save_recipe(cfg: DictConfig, path: str | Path) -> Path:
+    """Write the resolved recipe as YAML (saved next to every checkpoint)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+    return path
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
