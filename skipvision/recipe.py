@@ -52,7 +52,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_length: int = 256
     on_error: str = "skip"  # skip (count and go on) | raise (fail naming the shard and sample)
-    limit_val_samples: int | None = None
+    resampled: bool = True  # training: endless resampled shards; false: shuffled epochs split by node/worker
 
 
 @dataclass

@@ -1,0 +1,3 @@
+from skipvision.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Inference: cached generation with explicit positions (METHOD.md section 4)."""

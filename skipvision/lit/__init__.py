@@ -1,0 +1,1 @@
+"""Lightning layer: LightningModule, DataModule, callbacks and the recipe-driven fit/validate jobs."""

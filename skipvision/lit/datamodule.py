@@ -1,0 +1,66 @@
+"""LightningDataModule over WebDataset shards (ARCHITECTURE.md "Scale": node and worker splitting)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from skipvision.data.pipeline import SampleEncoder, build_pipeline, expand_shards, image_transform
+from skipvision.data.tokenizer import IMAGE_TOKEN
+from skipvision.encoders.base import VisionEncoder
+
+
+class WebDataModule(L.LightningDataModule):
+    """Streams ``data.train_shards`` / ``data.val_shards`` (default ``<root>/{train,val}/*.tar``)."""
+
+    def __init__(
+        self,
+        data: DictConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        encoder: VisionEncoder,
+        num_image_tokens: int,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.cfg = data
+        self.tokenizer = tokenizer
+        self.transform = image_transform(encoder.image_size, encoder.mean, encoder.std)
+        self.num_image_tokens = num_image_tokens
+        self.seed = seed
+
+    def _shards(self, split: str) -> list[str]:
+        pattern = self.cfg[f"{split}_shards"] or str(Path(self.cfg.root) / split / "*.tar")
+        return expand_shards(pattern, self.cfg.on_error)
+
+    def _loader(self, split: str, training: bool) -> DataLoader:
+        encoder = SampleEncoder(
+            self.tokenizer,
+            self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            self.num_image_tokens,
+            self.transform,
+            self.cfg.max_length,
+            with_prompt=not training,
+        )
+        pipeline = build_pipeline(
+            self._shards(split),
+            encoder,
+            batch_size=self.cfg.batch_size if training else self.cfg.val_batch_size,
+            pad_id=self.tokenizer.pad_token_id,
+            on_error=self.cfg.on_error,
+            training=training,
+            resampled=self.cfg.resampled,
+            shuffle_buffer=self.cfg.shuffle_buffer,
+            seed=self.seed,
+        )
+        workers = self.cfg.num_workers
+        return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", training=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", training=False)

@@ -1,0 +1,118 @@
+"""LightningModule: training loss, validation loss and answer accuracy, optimiser and LR schedule.
+
+Per-component learning rates and freeze flags (encoder, projector, LLM), AdamW, linear warmup then cosine decay
+to ``lr * min_lr_ratio`` at ``trainer.max_steps``. Answer accuracy greedy-decodes each validation prompt's short
+answer and compares it with the reference (case and surrounding space ignored), per question type.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MeanMetric
+
+from skipvision.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from skipvision.inference.greedy import greedy_generate
+from skipvision.model import VisionLanguageModel
+
+COMPONENTS = ("encoder", "projector", "llm")
+
+
+def normalise_answer(text: str) -> str:
+    return text.strip().strip(".").lower()
+
+
+class VLMLitModule(L.LightningModule):
+    """Wraps ``VisionLanguageModel``; the resolved recipe is stored in every checkpoint's hyperparameters."""
+
+    def __init__(self, recipe: dict[str, Any], tokenizer_path: str) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg: DictConfig = OmegaConf.create(recipe)
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        m = self.cfg.model
+        self.model = VisionLanguageModel.from_specs(m.encoder, m.projector, m.backbone, self.tokenizer, IMAGE_TOKEN)
+        for part in COMPONENTS:
+            if self.cfg.optim[f"freeze_{part}"]:
+                self.component(part).requires_grad_(False)
+        self.val_loss = MeanMetric()
+        self.val_accuracy = nn.ModuleDict()
+        self.data_errors = 0
+
+    def component(self, part: str) -> nn.Module:
+        return {"encoder": self.model.encoder, "projector": self.model.projector, "llm": self.model.backbone}[part]
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("pixel_values"),
+            batch["num_images"],
+            batch["labels"],
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        self.data_errors += batch["data_errors"]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("data/skipped", float(self.data_errors), reduce_fx="sum", sync_dist=True)
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self(batch)
+        self.val_loss.update(out.loss, weight=(batch["labels"] != -100).sum())
+        if not self.cfg.eval.generate:
+            return
+        generated = greedy_generate(
+            self.model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch.get("pixel_values"),
+            batch["num_images"],
+            self.cfg.eval.max_new_tokens,
+            self.tokenizer.eos_token_id,
+        )
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        for text, answer, qtype in zip(texts, batch["answers"], batch["qtypes"], strict=True):
+            correct = float(normalise_answer(text) == normalise_answer(answer))
+            for key in (qtype, "all"):
+                if key not in self.val_accuracy:
+                    self.val_accuracy[key] = MeanMetric().to(self.device)
+                self.val_accuracy[key].update(correct)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
+        self.val_loss.reset()
+        for qtype, metric in self.val_accuracy.items():
+            self.log(f"val/acc_{qtype}", metric.compute(), prog_bar=qtype == "all", sync_dist=True)
+            metric.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.cfg.optim
+        groups = []
+        for part in COMPONENTS:
+            params = [p for p in self.component(part).parameters() if p.requires_grad]
+            if params:
+                lr = o[f"lr_{part}"] if o[f"lr_{part}"] is not None else o.lr
+                groups.append({"params": params, "lr": lr, "name": part})
+        optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        schedule = warmup_cosine(o.warmup_steps, self.cfg.trainer.max_steps, o.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR multiplier: linear warmup from 0 to 1, then cosine from 1 down to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,152 @@
+"""Recipe -> data, model, Trainer; the ``fit`` and ``validate`` jobs behind the CLI.
+
+Run folder layout (``output_dir``)::
+
+    recipe.yaml            the resolved recipe
+    tokenizer/             the tokenizer the model was built with
+    checkpoints/           step checkpoints, last.ckpt, and recipe.yaml again (next to every checkpoint)
+    logs/                  CSV or TensorBoard logs
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from filelock import FileLock
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from skipvision.data.pipeline import DataError
+from skipvision.data.shapes import dataset_is_complete, generate_shapes
+from skipvision.data.tokenizer import load_tokenizer
+from skipvision.lit.callbacks import SaveRecipe, Throughput
+from skipvision.lit.datamodule import WebDataModule
+from skipvision.lit.module import VLMLitModule
+from skipvision.recipe import save_recipe
+from skipvision.registry import import_modules, load_entry_point_plugins
+
+
+def activate_plugins(cfg: DictConfig) -> None:
+    """Register third-party components: entry points of ``skipvision.plugins`` and the recipe's ``imports``."""
+    load_entry_point_plugins()
+    import_modules(list(cfg.imports))
+
+
+def prepare_data(cfg: DictConfig) -> Path:
+    """Generate the shapes dataset into ``data.root`` when it is missing (once, under a file lock).
+
+    Returns the tokenizer folder.
+    """
+    data = cfg.data
+    root = Path(data.root)
+    uses_root = data.train_shards is None or data.tokenizer is None
+    if uses_root and not dataset_is_complete(root):
+        if not data.shapes.generate:
+            raise DataError(f"No dataset at {root} (no meta.json) and data.shapes.generate is false")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{root}.lock"):
+            if not dataset_is_complete(root):
+                s = data.shapes
+                generate_shapes(
+                    root, num_train=s.num_train, num_val=s.num_val, seed=s.seed, image_size=s.image_size,
+                    shard_size=s.shard_size, vocab_size=s.vocab_size,
+                )
+    tokenizer = Path(data.tokenizer) if data.tokenizer else root / "tokenizer"
+    if not (tokenizer / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"No tokenizer.json in {tokenizer}")
+    return tokenizer
+
+
+def _logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
+    kind = cfg.trainer.logger
+    if kind == "csv":
+        return CSVLogger(run_dir, name="logs")
+    if kind == "tensorboard":
+        return TensorBoardLogger(run_dir, name="logs")
+    return False
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    t, c = cfg.trainer, cfg.checkpoint
+    checkpoint_dir = run_dir / "checkpoints"
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename="step={step}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=c.every_n_steps or t.max_steps,
+            save_top_k=-1,
+            save_last=c.save_last,
+        ),
+        SaveRecipe(cfg, checkpoint_dir),
+        Throughput(),
+    ]
+    logger = _logger(cfg, run_dir)
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return L.Trainer(
+        max_steps=t.max_steps,
+        val_check_interval=t.val_check_interval or t.max_steps,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=0,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        logger=logger,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        callbacks=callbacks,
+        default_root_dir=run_dir,
+    )
+
+
+def build(cfg: DictConfig) -> tuple[VLMLitModule, WebDataModule, Path]:
+    """Data (generated if missing), the LightningModule and the DataModule for a recipe."""
+    activate_plugins(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = Path(cfg.output_dir)
+    source = prepare_data(cfg)
+    tokenizer_dir = run_dir / "tokenizer"
+    with FileLock(f"{run_dir}.lock"):
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            load_tokenizer(source).save_pretrained(tokenizer_dir)
+        save_recipe(cfg, run_dir / "recipe.yaml")
+    recipe: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    module = VLMLitModule(recipe, str(tokenizer_dir))
+    datamodule = WebDataModule(cfg.data, module.tokenizer, module.model.encoder, module.model.num_image_tokens, cfg.seed)
+    return module, datamodule, run_dir
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    resume = cfg.checkpoint.resume
+    if resume is None:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint.resume={resume!r}: no checkpoint at {path}")
+    return str(path)
+
+
+def fit(cfg: DictConfig) -> L.Trainer:
+    module, datamodule, run_dir = build(cfg)
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, run_dir))
+    return trainer
+
+
+def validate(cfg: DictConfig, checkpoint: str) -> list[dict[str, float]]:
+    """Validation loss and answer accuracy of a checkpoint on the recipe's validation shards."""
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"No checkpoint at {checkpoint}")
+    module, datamodule, run_dir = build(cfg)
+    trainer = build_trainer(cfg, run_dir)
+    return trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint)
