@@ -12,14 +12,19 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from skipvision.data.pipeline import DataError
 from skipvision.data.chat import ConversationError
+from skipvision.data.pipeline import DataError
 from skipvision.model import ImageTokenMismatchError
 from skipvision.recipe import RecipeError, load_recipe, to_yaml
 from skipvision.registry import REGISTRIES, RegistryError, load_entry_point_plugins, preset_names
 
 USER_ERRORS = (
-    RecipeError, RegistryError, DataError, ConversationError, ImageTokenMismatchError, FileNotFoundError,
+    RecipeError,
+    RegistryError,
+    DataError,
+    ConversationError,
+    ImageTokenMismatchError,
+    FileNotFoundError,
     FileExistsError,
 )
 
@@ -80,8 +85,13 @@ def run(args: argparse.Namespace, console: Console) -> None:
         from skipvision.data.shapes import generate_shapes
 
         meta = generate_shapes(
-            args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
-            image_size=args.image_size, shard_size=args.shard_size, vocab_size=args.vocab_size,
+            args.out,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            seed=args.seed,
+            image_size=args.image_size,
+            shard_size=args.shard_size,
+            vocab_size=args.vocab_size,
             overwrite=args.overwrite,
         )
         console.print(

@@ -130,9 +130,7 @@ def check_arguments(what: str, fn: Callable[..., Any], kwargs: Mapping[str, Any]
         raise RegistryError(
             f"{what} got unknown argument(s): {', '.join(unknown)}.{hint} Valid arguments: {', '.join(valid)}."
         )
-    missing = [
-        n for n in valid if params[n].default is inspect.Parameter.empty and n not in kwargs
-    ]
+    missing = [n for n in valid if params[n].default is inspect.Parameter.empty and n not in kwargs]
     if missing:
         raise RegistryError(f"{what} is missing required argument(s): {', '.join(missing)}.")
 
@@ -161,8 +159,7 @@ def load_preset(kind: str, preset: str) -> dict[str, Any]:
             return spec
     names = preset_names(kind)
     raise RegistryError(
-        f"Unknown {kind} preset {preset!r}.{_suggest(preset, names)} "
-        f"{kind} presets: {', '.join(names) or '(none)'}."
+        f"Unknown {kind} preset {preset!r}.{_suggest(preset, names)} {kind} presets: {', '.join(names) or '(none)'}."
     )
 
 

@@ -160,9 +160,7 @@ def test_tokenizer_reloads_and_encodes(dataset: tuple[Path, dict], tmp_path: Pat
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     assert tok.decode(tok.encode("USER: ünïcode ✓\nASSISTANT: 42")) == "USER: ünïcode ✓\nASSISTANT: 42"
 
-    trained = train_tokenizer(
-        ["<image>\nWhat colour is the circle?", "red"], tmp_path / "tok", vocab_size=300
-    )
+    trained = train_tokenizer(["<image>\nWhat colour is the circle?", "red"], tmp_path / "tok", vocab_size=300)
     reloaded = load_tokenizer(tmp_path / "tok")
     for attr in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id"):
         assert getattr(reloaded, attr) == getattr(trained, attr) is not None

@@ -74,11 +74,12 @@ def encode_conversation(
         placeholders += seen
         ids, labels = ids + user, labels + [IGNORE_INDEX] * len(user)
         prompt_length, answer = len(ids), gpt["value"]
-        reply = _text_ids(tokenizer, f" {answer}") + [tokenizer.eos_token_id]
+        reply = [*_text_ids(tokenizer, f" {answer}"), tokenizer.eos_token_id]
         ids, labels = ids + reply, labels + reply
     if placeholders != num_images:
         raise ConversationError(
-            f"conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but the sample has {num_images} image(s)"
+            f"conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
+            f"but the sample has {num_images} image(s)"
         )
     return EncodedConversation(ids, labels, prompt_length, answer)
 

@@ -115,9 +115,7 @@ def _ask(rng: random.Random, qtype: str, objects: Scene, image_size: int) -> tup
     if qtype == "position":
         axis, relation = rng.choice((("x", "left of"), ("y", "above")))
         described = [
-            o
-            for o in objects
-            if sum(o["colour"] == p["colour"] and o["shape"] == p["shape"] for p in objects) == 1
+            o for o in objects if sum(o["colour"] == p["colour"] and o["shape"] == p["shape"] for p in objects) == 1
         ]
         # Pairs (a, b) with a clearly left of / above b, so the answer is unambiguous to the eye.
         pairs = [(a, b) for a in described for b in described if b[axis] - a[axis] >= image_size // 8]
@@ -160,9 +158,7 @@ def make_sample(rng: random.Random, image_size: int) -> tuple[Image.Image, dict[
     return image, sample
 
 
-def write_split(
-    out_dir: Path, split: str, num_samples: int, seed: int, image_size: int, shard_size: int
-) -> list[str]:
+def write_split(out_dir: Path, split: str, num_samples: int, seed: int, image_size: int, shard_size: int) -> list[str]:
     """Write ``num_samples`` samples as shards ``out_dir/split/shapes-{split}-NNNNNN.tar``.
 
     Returns the shard paths relative to ``out_dir`` (e.g. ``"train/shapes-train-000000.tar"``), in order.

@@ -25,9 +25,7 @@ TEMPLATE_TEXTS = ("USER:", "ASSISTANT:", "\n")
 MODEL_MAX_LENGTH = 1_000_000_000
 
 
-def train_tokenizer(
-    texts: Iterable[str], out_dir: str | Path, vocab_size: int = 512
-) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts``, save it to ``out_dir`` and return it.
 
     Ids 0-4 are ``<pad>``, ``<s>``, ``</s>``, ``<unk>``, ``<image>`` in that order. Occurrences of

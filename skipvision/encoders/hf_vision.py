@@ -110,6 +110,13 @@ def hf_siglip(
 ) -> HFVisionTower:
     """SigLIP vision tower (``SiglipVisionModel``); it has no CLS token."""
     return HFVisionTower(
-        SiglipVisionModel, SiglipVisionConfig, 0, SIGLIP_MEAN, SIGLIP_STD, config, path, feature_layer,
+        SiglipVisionModel,
+        SiglipVisionConfig,
+        0,
+        SIGLIP_MEAN,
+        SIGLIP_STD,
+        config,
+        path,
+        feature_layer,
         attn_implementation,
     )

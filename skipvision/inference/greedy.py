@@ -27,9 +27,7 @@ def greedy_generate(
     mask = prompt_mask  # [B, P]
     positions = positions_from_mask(mask)  # [B, P]
     cache = DynamicCache(config=model.backbone.config)
-    out = model.backbone(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-    )
+    out = model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     batch = prompt_ids.shape[0]
     next_pos = positions[:, -1:] + 1  # [B, 1]
     done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)

@@ -51,8 +51,13 @@ def prepare_data(cfg: DictConfig) -> Path:
             if not dataset_is_complete(root):
                 s = data.shapes
                 generate_shapes(
-                    root, num_train=s.num_train, num_val=s.num_val, seed=s.seed, image_size=s.image_size,
-                    shard_size=s.shard_size, vocab_size=s.vocab_size,
+                    root,
+                    num_train=s.num_train,
+                    num_val=s.num_val,
+                    seed=s.seed,
+                    image_size=s.image_size,
+                    shard_size=s.shard_size,
+                    vocab_size=s.vocab_size,
                 )
     tokenizer = Path(data.tokenizer) if data.tokenizer else root / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
@@ -80,6 +85,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
             every_n_train_steps=c.every_n_steps or t.max_steps,
             save_top_k=-1,
             save_last=c.save_last,
+            enable_version_counter=False,
         ),
         SaveRecipe(cfg, checkpoint_dir),
         Throughput(),
@@ -122,7 +128,9 @@ def build(cfg: DictConfig) -> tuple[VLMLitModule, WebDataModule, Path]:
         save_recipe(cfg, run_dir / "recipe.yaml")
     recipe: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     module = VLMLitModule(recipe, str(tokenizer_dir))
-    datamodule = WebDataModule(cfg.data, module.tokenizer, module.model.encoder, module.model.num_image_tokens, cfg.seed)
+    datamodule = WebDataModule(
+        cfg.data, module.tokenizer, module.model.encoder, module.model.num_image_tokens, cfg.seed
+    )
     return module, datamodule, run_dir
 
 

@@ -1,0 +1,33 @@
+"""Shared fixtures: offline mode, a tiny shapes dataset, and a tiny recipe that trains in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from skipvision.data.shapes import generate_shapes
+
+torch.set_num_threads(2)
+TESTS = Path(__file__).resolve().parent
+TINY_RECIPE = TESTS / "recipes" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 train / 24 val samples of 32x32 shapes, 32 samples a shard, and their tokenizer."""
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    generate_shapes(root, num_train=64, num_val=24, seed=0, image_size=32, shard_size=32, vocab_size=300)
+    return root
+
+
+@pytest.fixture
+def tiny_overrides(tiny_shapes: Path, tmp_path: Path) -> list[str]:
+    """Overrides that point the tiny recipe at the session's dataset and a fresh run folder."""
+    return [f"data.root={tiny_shapes}", f"output_dir={tmp_path / 'run'}"]

@@ -1,0 +1,99 @@
+"""End to end through the CLI: fit on tiny shards, checkpoints with their recipe, resume, validate; optimiser."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from skipvision.cli import main
+from skipvision.lit.module import VLMLitModule, warmup_cosine
+from skipvision.lit.run import build
+from skipvision.recipe import load_recipe
+
+from .conftest import TINY_RECIPE
+
+
+def _fit(overrides: list[str]) -> int:
+    return main(["fit", "--recipe", str(TINY_RECIPE), *overrides])
+
+
+def _ckpt(run: Path, name: str = "last.ckpt") -> dict:
+    return torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=False)
+
+
+def test_cli_fit_two_steps_writes_checkpoint_recipe_and_logs(tiny_overrides: list[str], tmp_path: Path) -> None:
+    assert _fit(tiny_overrides) == 0
+    run = tmp_path / "run"
+    ckpt = _ckpt(run)
+    assert ckpt["global_step"] == 2
+    saved = yaml.safe_load((run / "checkpoints" / "recipe.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 2 and saved["output_dir"] == str(run)
+    assert ckpt["hyper_parameters"]["recipe"] == saved  # the recipe also travels inside the checkpoint
+    assert (run / "checkpoints" / "step=2.ckpt").is_file()
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    rows = list(csv.DictReader(open(run / "logs" / "version_0" / "metrics.csv")))
+    logged = {k for r in rows for k, v in r.items() if v}
+    assert {"train/loss", "val/loss", "val/acc_all", "tok/s"} <= logged
+    val = [r for r in rows if r["val/acc_all"]][-1]
+    assert 0.0 <= float(val["val/acc_all"]) <= 1.0 and float(val["val/loss"]) > 0
+
+
+def test_resume_continues_step_count_and_optimizer_state(tiny_overrides: list[str], tmp_path: Path) -> None:
+    assert _fit(tiny_overrides) == 0
+    run = tmp_path / "run"
+    first = _ckpt(run)
+    assert first["optimizer_states"][0]["state"][0]["step"] == 2
+    assert _fit([*tiny_overrides, "trainer.max_steps=4", "checkpoint.resume=last"]) == 0
+    resumed = _ckpt(run)
+    assert resumed["global_step"] == 4
+    assert resumed["optimizer_states"][0]["state"][0]["step"] == 4  # Adam moments continued, not restarted
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 4
+    assert (run / "checkpoints" / "step=4.ckpt").is_file()
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tiny_overrides: list[str], capsys) -> None:
+    assert _fit([*tiny_overrides, "checkpoint.resume=last"]) == 2
+    assert "checkpoint.resume='last': no checkpoint at" in capsys.readouterr().err
+
+
+def test_validate_reports_accuracy_of_a_checkpoint(tiny_overrides: list[str], tmp_path: Path, capsys) -> None:
+    assert _fit(tiny_overrides) == 0
+    ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    cfg = load_recipe(TINY_RECIPE, tiny_overrides)
+    from skipvision.lit.run import validate
+
+    (metrics,) = validate(cfg, ckpt)
+    assert {"val/loss", "val/acc_all"} <= set(metrics)
+    assert main(["validate", "--recipe", str(TINY_RECIPE), "--checkpoint", "nope.ckpt", *tiny_overrides]) == 2
+    assert "No checkpoint at nope.ckpt" in capsys.readouterr().err
+
+
+def test_freeze_flags_and_per_component_learning_rates(tiny_overrides: list[str]) -> None:
+    cfg = load_recipe(TINY_RECIPE, [*tiny_overrides, "optim.freeze_encoder=true", "optim.lr_projector=0.01"])
+    module, _, _ = build(cfg)
+    assert not any(p.requires_grad for p in module.model.encoder.parameters())
+    groups = {g["name"]: g for g in module.configure_optimizers()["optimizer"].param_groups}
+    assert set(groups) == {"projector", "llm"}
+    assert groups["projector"]["initial_lr"] == 0.01
+    assert groups["llm"]["initial_lr"] == cfg.optim.lr
+    assert sum(p.numel() for p in groups["llm"]["params"]) == sum(p.numel() for p in module.model.backbone.parameters())
+
+
+def test_warmup_then_cosine_schedule() -> None:
+    f = warmup_cosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(9) == pytest.approx(0.55)
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+
+
+def test_module_hyperparameters_rebuild_the_same_model(tiny_overrides: list[str]) -> None:
+    cfg = load_recipe(TINY_RECIPE, tiny_overrides)
+    module, _, _ = build(cfg)
+    clone = VLMLitModule(**module.hparams)
+    assert clone.model.num_image_tokens == module.model.num_image_tokens == 16
+    assert {k: v.shape for k, v in clone.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}

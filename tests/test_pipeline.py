@@ -1,0 +1,182 @@
+"""Chat encoding, the WebDataset pipeline and its bad-input policy (skip and count, or fail naming the file)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from skipvision.data.chat import IGNORE_INDEX, ConversationError, encode_conversation, encode_prompt
+from skipvision.data.pipeline import DataError, SampleEncoder, build_pipeline, expand_shards, image_transform
+from skipvision.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+
+N_SLOTS = 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_shapes: Path):
+    return load_tokenizer(tiny_shapes / "tokenizer")
+
+
+def _png(colour: tuple[int, int, int] = (200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _conv(q: str = "<image>\nWhat colour is the circle?", a: str = "red") -> bytes:
+    return json.dumps(
+        {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}], "qtype": "colour"}
+    ).encode()
+
+
+def _write_shard(path: Path, samples: list[dict]) -> str:
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return str(path)
+
+
+def _encoder(tokenizer, max_length: int = 64) -> SampleEncoder:
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return SampleEncoder(
+        tokenizer, image_id, N_SLOTS, image_transform((16, 16), (0.5,) * 3, (0.5,) * 3), max_length, with_prompt=True
+    )
+
+
+def test_chat_expands_images_and_labels_only_answers(tokenizer) -> None:
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    conv = json.loads(_conv())["conversations"] + json.loads(_conv(q="And the square?", a="blue"))["conversations"]
+    enc = encode_conversation(tokenizer, conv, N_SLOTS, 1, image_id)
+    assert enc.input_ids[0] == tokenizer.bos_token_id
+    assert enc.input_ids.count(image_id) == N_SLOTS
+    labelled = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == " red</s> blue</s>"
+    assert enc.answer == "blue"
+    assert tokenizer.decode(enc.input_ids[: enc.prompt_length]).endswith("USER: And the square?\nASSISTANT:")
+    prompt = encode_prompt(tokenizer, "What colour is the circle?", N_SLOTS, 1, image_id)
+    first_round = encode_conversation(tokenizer, conv[:2], N_SLOTS, 1, image_id)
+    assert prompt == first_round.input_ids[: first_round.prompt_length]  # generation prompt == training prefix
+
+
+def test_chat_rejects_placeholder_image_mismatch(tokenizer) -> None:
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    conv = json.loads(_conv())["conversations"]
+    with pytest.raises(ConversationError, match=r"1 <image> placeholder\(s\) but the sample has 2 image\(s\)"):
+        encode_conversation(tokenizer, conv, N_SLOTS, 2, image_id)
+    with pytest.raises(ConversationError, match="alternating"):
+        encode_conversation(tokenizer, conv[:1], N_SLOTS, 1, image_id)
+    with pytest.raises(ConversationError, match=r"2 <image> placeholder\(s\) but 1 image"):
+        encode_prompt(tokenizer, "<image><image> hi", N_SLOTS, 1, image_id)
+
+
+def _mixed_shard(tmp_path: Path) -> str:
+    """6 samples: 3 good, 1 corrupt image, 1 without json, 1 with a placeholder but no image."""
+    return _write_shard(
+        tmp_path / "mixed-000000.tar",
+        [
+            {"__key__": "good0", "png": _png(), "json": _conv()},
+            {"__key__": "corrupt", "png": b"not a png at all", "json": _conv()},
+            {"__key__": "good1", "png": _png((0, 0, 200)), "json": _conv(a="blue")},
+            {"__key__": "nojson", "png": _png()},
+            {"__key__": "noimage", "json": _conv()},
+            {"__key__": "good2", "json": _conv(q="Is a square round?", a="no")},
+        ],
+    )
+
+
+def test_skip_policy_skips_and_counts_bad_samples(tokenizer, tmp_path: Path) -> None:
+    url = _mixed_shard(tmp_path)
+    pipe = build_pipeline(
+        [url], _encoder(tokenizer), batch_size=2, pad_id=tokenizer.pad_token_id, on_error="skip", training=False
+    )
+    batches = list(pipe)
+    assert [k for b in batches for k in b["keys"]] == ["good0", "good1", "good2"]
+    assert sum(b["data_errors"] for b in batches) == 3
+    assert batches[0]["pixel_values"].shape == (2, 3, 16, 16)
+    assert batches[1]["num_images"].tolist() == [0] and "pixel_values" not in batches[1]
+    assert batches[0]["prompt_ids"].shape[0] == 2 and batches[0]["answers"] == ["red", "blue"]
+
+
+def test_raise_policy_names_the_shard_and_sample(tokenizer, tmp_path: Path) -> None:
+    url = _mixed_shard(tmp_path)
+    pipe = build_pipeline(
+        [url], _encoder(tokenizer), batch_size=2, pad_id=tokenizer.pad_token_id, on_error="raise", training=False
+    )
+    with pytest.raises(DataError, match=r"mixed-000000.tar: sample corrupt: UnidentifiedImageError"):
+        list(pipe)
+
+
+def test_over_length_sample_is_an_error_not_a_truncation(tokenizer, tmp_path: Path) -> None:
+    url = _write_shard(tmp_path / "long-000000.tar", [{"__key__": "long", "png": _png(), "json": _conv()}])
+    pipe = build_pipeline(
+        [url],
+        _encoder(tokenizer, max_length=8),
+        batch_size=1,
+        pad_id=tokenizer.pad_token_id,
+        on_error="raise",
+        training=False,
+    )
+    with pytest.raises(DataError, match=r"sample long: ValueError: \d+ tokens, over data.max_length=8"):
+        list(pipe)
+
+
+def test_missing_shards_fail_with_the_file_name_or_are_dropped(tmp_path: Path) -> None:
+    good = _write_shard(tmp_path / "a-000000.tar", [{"__key__": "x", "json": _conv()}])
+    missing = str(tmp_path / "a-000001.tar")
+    with pytest.raises(DataError, match="shard file\\(s\\) not found: .*a-000001.tar"):
+        expand_shards([good, missing], on_error="raise")
+    assert expand_shards([good, missing], on_error="skip") == [good]
+    assert expand_shards(str(tmp_path / "a-00000{0..1}.tar"), on_error="skip") == [good]
+    assert expand_shards(str(tmp_path / "*.tar")) == [good]
+    with pytest.raises(DataError, match="no shards match"):
+        expand_shards(str(tmp_path / "none-*.tar"))
+
+
+def test_training_stream_is_seeded_and_splits_across_workers(tokenizer, tiny_shapes: Path) -> None:
+    urls = expand_shards(str(tiny_shapes / "train" / "*.tar"))
+    assert len(urls) == 2
+
+    all_keys = sorted(f"train-{i:07d}" for i in range(64))
+
+    def pipe(seed: int, resampled: bool):
+        return build_pipeline(
+            urls,
+            _encoder(tokenizer, 200),
+            batch_size=4,
+            pad_id=tokenizer.pad_token_id,
+            on_error="raise",
+            training=True,
+            resampled=resampled,
+            shuffle_buffer=8,
+            seed=seed,
+        )
+
+    def stream(seed: int) -> list[str]:
+        it = iter(pipe(seed, resampled=True))
+        return [k for _ in range(20) for k in next(it)["keys"]]  # endless: more than one pass of 64
+
+    assert stream(0) == stream(0)
+    assert stream(0) != stream(1)
+    epoch = [k for b in pipe(0, resampled=False) for k in b["keys"]]
+    assert sorted(epoch) == all_keys and epoch != all_keys  # one shuffled pass, every sample once
+
+    loader = torch.utils.data.DataLoader(
+        build_pipeline(
+            urls,
+            _encoder(tokenizer, 200),
+            batch_size=8,
+            pad_id=tokenizer.pad_token_id,
+            on_error="raise",
+            training=False,
+        ),
+        batch_size=None,
+        num_workers=2,
+    )
+    seen = [k for b in loader for k in b["keys"]]
+    assert sorted(seen) == all_keys  # each shard read by exactly one worker
