@@ -37,6 +37,7 @@ class ShapesConfig:
     seed: int = 0
     shard_size: int = 1000
     vocab_size: int = 512
+    train_questions: int = 1  # question turns per training image (validation always asks one)
 
 
 @dataclass

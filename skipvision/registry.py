@@ -42,6 +42,11 @@ class Entry:
     description: str = ""
 
 
+def _close(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
     return f" Did you mean: {', '.join(close)}?" if close else ""
@@ -126,10 +131,8 @@ def check_arguments(what: str, fn: Callable[..., Any], kwargs: Mapping[str, Any]
     valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
-        hint = "".join(_suggest(k, valid) for k in unknown)
-        raise RegistryError(
-            f"{what} got unknown argument(s): {', '.join(unknown)}.{hint} Valid arguments: {', '.join(valid)}."
-        )
+        named = ", ".join(f"{k}{_close(k, valid)}" for k in unknown)
+        raise RegistryError(f"{what} got unknown argument(s): {named}. Valid arguments: {', '.join(valid)}.")
     missing = [n for n in valid if params[n].default is inspect.Parameter.empty and n not in kwargs]
     if missing:
         raise RegistryError(f"{what} is missing required argument(s): {', '.join(missing)}.")

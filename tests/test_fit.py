@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 
 from skipvision.cli import main
 from skipvision.lit.module import VLMLitModule, warmup_cosine
-from skipvision.lit.run import build
+from skipvision.lit.run import build, build_trainer
 from skipvision.recipe import load_recipe
 
 from .conftest import TINY_RECIPE
@@ -42,6 +43,37 @@ def test_cli_fit_two_steps_writes_checkpoint_recipe_and_logs(tiny_overrides: lis
     assert 0.0 <= float(val["val/acc_all"]) <= 1.0 and float(val["val/loss"]) > 0
 
 
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        (["trainer.precision=bf16-mixed"], "precision"),
+        (["trainer.logger=tensorboard"], "tensorboard"),
+        (["trainer.accumulate_grad_batches=2"], "accumulate"),
+    ],
+)
+def test_precision_logger_and_accumulation_options(
+    tiny_overrides: list[str], tmp_path: Path, extra: list[str], expect: str
+) -> None:
+    assert _fit([*tiny_overrides, *extra]) == 0
+    run = tmp_path / "run"
+    ckpt = _ckpt(run)
+    assert ckpt["global_step"] == 2
+    if expect == "precision":
+        cfg = load_recipe(TINY_RECIPE, [*tiny_overrides, *extra])
+        module, datamodule, _ = build(cfg)
+        trainer = build_trainer(cfg, tmp_path / "other")
+        assert trainer.precision == "bf16-mixed"
+        batch = next(iter(datamodule.train_dataloader()))
+        with trainer.precision_plugin.forward_context():
+            assert module(batch).logits.dtype == torch.bfloat16  # the backbone really runs in bf16 autocast
+    elif expect == "tensorboard":
+        assert list((run / "logs").glob("version_0/events.out.tfevents.*"))
+    else:
+        # two optimizer steps from four batches: the Adam step count still says 2
+        assert ckpt["optimizer_states"][0]["state"][0]["step"] == 2
+        assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"] == 4
+
+
 def test_resume_continues_step_count_and_optimizer_state(tiny_overrides: list[str], tmp_path: Path) -> None:
     assert _fit(tiny_overrides) == 0
     run = tmp_path / "run"
@@ -53,6 +85,19 @@ def test_resume_continues_step_count_and_optimizer_state(tiny_overrides: list[st
     assert resumed["optimizer_states"][0]["state"][0]["step"] == 4  # Adam moments continued, not restarted
     assert resumed["lr_schedulers"][0]["last_epoch"] == 4
     assert (run / "checkpoints" / "step=4.ckpt").is_file()
+
+
+def test_fit_generates_missing_data_and_refuses_mismatched_data(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "fresh"
+    small = [f"data.root={root}", f"output_dir={tmp_path / 'run'}", "data.shapes.num_train=8", "data.shapes.num_val=8"]
+    assert _fit([*small, "trainer.max_steps=1"]) == 0
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["num_train"] == 8 and meta["train_questions"] == 2
+    assert _fit([*small, "data.shapes.num_train=9"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a shapes dataset generated with other settings (num_train: 8 on disk, 9 in the recipe)" in err
+    assert _fit([*small, "data.shapes.generate=false", f"data.root={tmp_path / 'absent'}"]) == 2
+    assert "data.shapes.generate is false" in capsys.readouterr().err
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_overrides: list[str], capsys) -> None:

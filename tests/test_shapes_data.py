@@ -205,3 +205,16 @@ def test_meta_lists_shards_on_disk(dataset: tuple[Path, dict]) -> None:
     assert len(meta["val_shards"]) == math.ceil(NUM_VAL / SHARD_SIZE)
     assert meta["question_types"] == list(QUESTION_TYPES) and meta["version"] == 1
     assert (meta["num_train"], meta["num_val"], meta["shard_size"]) == (NUM_TRAIN, NUM_VAL, SHARD_SIZE)
+
+
+def test_multi_question_samples_share_one_image_and_answer_correctly() -> None:
+    rng = random.Random(7)
+    for _ in range(50):
+        _, sample = make_sample(rng, 64, questions=3)
+        turns = sample["conversations"]
+        humans, gpts = turns[0::2], turns[1::2]
+        assert 1 <= len(humans) <= 3 and len(humans) == len(sample["qtypes"])
+        assert [h["value"].count("<image>") for h in humans] == [1] + [0] * (len(humans) - 1)
+        assert len(set(sample["qtypes"])) == len(sample["qtypes"]) and sample["qtype"] == sample["qtypes"][-1]
+        for h, g in zip(humans, gpts, strict=True):
+            assert g["value"] == _expected_answer(h["value"].removeprefix("<image>\n"), sample["objects"])

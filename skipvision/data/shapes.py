@@ -138,28 +138,39 @@ def _ask(rng: random.Random, qtype: str, objects: Scene, image_size: int) -> tup
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
-def make_sample(rng: random.Random, image_size: int) -> tuple[Image.Image, dict[str, Any]]:
-    """Draw one scene and one question about it; the scene is redrawn until the chosen type is askable."""
-    qtype = rng.choice(QUESTION_TYPES)
+def make_sample(rng: random.Random, image_size: int, questions: int = 1) -> tuple[Image.Image, dict[str, Any]]:
+    """Draw one scene and ``questions`` questions about it (a multi-turn conversation, one image).
+
+    The first question's type is drawn uniformly and the scene is redrawn until it is askable; further turns
+    take the other types in random order, skipping those the scene cannot support, without repeating a question.
+    ``qtype`` is the last question's type (the one a validation prompt is scored on).
+    """
+    first = rng.choice(QUESTION_TYPES)
     while True:
         image, objects = _draw_scene(rng, image_size)
-        qa = _ask(rng, qtype, objects, image_size)
+        qa = _ask(rng, first, objects, image_size)
         if qa is not None:
             break
-    question, answer = qa
-    sample = {
-        "conversations": [
-            {"from": "human", "value": "<image>\n" + question},
-            {"from": "gpt", "value": answer},
-        ],
-        "qtype": qtype,
-        "objects": objects,
-    }
+    turns, qtypes = [qa], [first]
+    others = [q for q in QUESTION_TYPES if q != first]
+    rng.shuffle(others)
+    for qtype in others[: max(0, questions - 1)]:
+        qa = _ask(rng, qtype, objects, image_size)
+        if qa is not None and qa[0] not in (t[0] for t in turns):
+            turns.append(qa)
+            qtypes.append(qtype)
+    conversations = []
+    for i, (question, answer) in enumerate(turns):
+        prefix = "<image>\n" if i == 0 else ""
+        conversations += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+    sample = {"conversations": conversations, "qtype": qtypes[-1], "qtypes": qtypes, "objects": objects}
     return image, sample
 
 
-def write_split(out_dir: Path, split: str, num_samples: int, seed: int, image_size: int, shard_size: int) -> list[str]:
-    """Write ``num_samples`` samples as shards ``out_dir/split/shapes-{split}-NNNNNN.tar``.
+def write_split(
+    out_dir: Path, split: str, num_samples: int, seed: int, image_size: int, shard_size: int, questions: int = 1
+) -> list[str]:
+    """Write ``num_samples`` samples of up to ``questions`` turns as shards ``out_dir/split/shapes-{split}-N.tar``.
 
     Returns the shard paths relative to ``out_dir`` (e.g. ``"train/shapes-train-000000.tar"``), in order.
     Tar member mtimes are fixed so the same seed gives byte-identical shards.
@@ -171,7 +182,7 @@ def write_split(out_dir: Path, split: str, num_samples: int, seed: int, image_si
     written: list[str] = []
     with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0.0, post=written.append) as sink:
         for index in range(num_samples):
-            image, sample = make_sample(rng, image_size)
+            image, sample = make_sample(rng, image_size, questions)
             png = io.BytesIO()
             image.save(png, format="PNG")
             sink.write(
@@ -204,9 +215,13 @@ def generate_shapes(
     image_size: int = 64,
     shard_size: int = 1000,
     vocab_size: int = 512,
+    train_questions: int = 1,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Generate train/val shards, a tokenizer (``out_dir/tokenizer``) and ``out_dir/meta.json``.
+
+    Training images carry up to ``train_questions`` question turns each (more supervision per image forward);
+    validation samples always ask one question, so accuracy per question type stays clean.
 
     Everything is written to a temporary sibling folder that is renamed into place at the end, so an
     interrupted run never leaves a dataset that :func:`dataset_is_complete` accepts. An existing empty
@@ -220,7 +235,7 @@ def generate_shapes(
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        train_shards = write_split(tmp, "train", num_train, seed, image_size, shard_size)
+        train_shards = write_split(tmp, "train", num_train, seed, image_size, shard_size, train_questions)
         val_shards = write_split(tmp, "val", num_val, seed + VAL_SEED_OFFSET, image_size, shard_size)
         texts = _conversation_texts(tmp, train_shards) + list(TEMPLATE_TEXTS)
         train_tokenizer(texts, tmp / "tokenizer", vocab_size=vocab_size)
@@ -230,6 +245,7 @@ def generate_shapes(
             "num_train": num_train,
             "num_val": num_val,
             "shard_size": shard_size,
+            "train_questions": train_questions,
             "train_shards": train_shards,
             "val_shards": val_shards,
             "question_types": list(QUESTION_TYPES),

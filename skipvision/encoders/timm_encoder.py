@@ -40,20 +40,16 @@ class TimmEncoder(VisionEncoder):
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        kwargs = dict(model_kwargs or {})
-        if img_size is not None:
-            kwargs["img_size"] = img_size
         if checkpoint_path is not None and not Path(checkpoint_path).is_file():
             raise FileNotFoundError(f"timm encoder checkpoint not found: {checkpoint_path}")
-        self.model = timm.create_model(
-            model_name, pretrained=pretrained, checkpoint_path=checkpoint_path or None, num_classes=0, **kwargs
-        )
+        self.model = _create(model_name, pretrained, checkpoint_path, img_size, dict(model_kwargs or {}))
         self.take_indices = self.model.prune_intermediate_layers(
             indices=[feature_layer], prune_norm=True, prune_head=True
         )
         data_cfg = resolve_model_data_config(self.model)
         patch_embed = getattr(self.model, "patch_embed", None)
-        size = getattr(patch_embed, "img_size", None) or data_cfg["input_size"][1:]
+        size = getattr(patch_embed, "img_size", None) or ((img_size, img_size) if img_size else None)
+        size = size or data_cfg["input_size"][1:]
         self.image_size = (int(size[0]), int(size[1]))
         self.mean = tuple(data_cfg["mean"])
         self.std = tuple(data_cfg["std"])
@@ -67,3 +63,18 @@ class TimmEncoder(VisionEncoder):
             pixel_values, indices=self.take_indices, intermediates_only=True, output_fmt="NCHW"
         )  # [B, C, h, w]
         return feats.flatten(2).transpose(1, 2)  # [B, h*w, C]
+
+
+def _create(
+    model_name: str, pretrained: bool, checkpoint_path: str | None, img_size: int | None, kwargs: dict[str, Any]
+) -> torch.nn.Module:
+    """``timm.create_model``; ``img_size`` goes to models that take it (ViTs) and is the input size of all."""
+    create = dict(pretrained=pretrained, checkpoint_path=checkpoint_path or None, num_classes=0, **kwargs)
+    if img_size is None:
+        return timm.create_model(model_name, **create)
+    try:
+        return timm.create_model(model_name, img_size=img_size, **create)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+        return timm.create_model(model_name, **create)  # convolutional nets take any input size

@@ -10,6 +10,7 @@ Run folder layout (``output_dir``)::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,30 @@ def prepare_data(cfg: DictConfig) -> Path:
                     image_size=s.image_size,
                     shard_size=s.shard_size,
                     vocab_size=s.vocab_size,
+                    train_questions=s.train_questions,
                 )
+    if uses_root:
+        _check_generated_matches(root, data.shapes)
     tokenizer = Path(data.tokenizer) if data.tokenizer else root / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
         raise FileNotFoundError(f"No tokenizer.json in {tokenizer}")
     return tokenizer
+
+
+def _check_generated_matches(root: Path, shapes: DictConfig) -> None:
+    """A generated dataset is reused only if it was generated with the settings the recipe asks for."""
+    meta_file = root / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    if "image_size" not in meta:
+        return  # not a generated shapes dataset (e.g. converted shards with their own meta.json)
+    keys = ("num_train", "num_val", "seed", "image_size", "shard_size", "train_questions")
+    differ = {k: (meta.get(k, 1), shapes[k]) for k in keys if meta.get(k, 1) != shapes[k]}
+    if differ:
+        diff = ", ".join(f"{k}: {have} on disk, {want} in the recipe" for k, (have, want) in differ.items())
+        raise DataError(
+            f"{root} holds a shapes dataset generated with other settings ({diff}); point data.root at another "
+            "folder or delete it to regenerate"
+        )
 
 
 def _logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
