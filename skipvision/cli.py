@@ -57,6 +57,8 @@ def make_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--image-size", type=int, default=64)
     shapes.add_argument("--shard-size", type=int, default=1000)
     shapes.add_argument("--vocab-size", type=int, default=512)
+    shapes.add_argument("--train-questions", type=int, default=1, help="question turns per training image")
+    shapes.add_argument("--train-describe", action="store_true", help="add a caption turn to training images")
     shapes.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -84,16 +86,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     elif args.command == "data":
         from skipvision.data.shapes import generate_shapes
 
-        meta = generate_shapes(
-            args.out,
-            num_train=args.num_train,
-            num_val=args.num_val,
-            seed=args.seed,
-            image_size=args.image_size,
-            shard_size=args.shard_size,
-            vocab_size=args.vocab_size,
-            overwrite=args.overwrite,
-        )
+        settings = {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "out")}
+        meta = generate_shapes(args.out, **settings)
         console.print(
             f"wrote {meta['num_train']} train / {meta['num_val']} val samples in "
             f"{len(meta['train_shards']) + len(meta['val_shards'])} shards, and a tokenizer, to {args.out}"

@@ -38,6 +38,7 @@ class ShapesConfig:
     shard_size: int = 1000
     vocab_size: int = 512
     train_questions: int = 1  # question turns per training image (validation always asks one)
+    train_describe: bool = False  # append a caption turn ("red circle, blue square") to training images
 
 
 @dataclass

@@ -21,12 +21,20 @@ TINY_RECIPE = TESTS / "recipes" / "tiny.yaml"
 
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """64 train (2 questions each) / 24 val samples of 32x32 shapes, 32 samples a shard, and their tokenizer.
+    """64 train samples (2 questions and a caption each) and 24 val samples of 32x32 shapes, 32 a shard.
 
     The settings match tests/recipes/tiny.yaml, so fits with that recipe reuse this dataset."""
     root = tmp_path_factory.mktemp("data") / "shapes"
     generate_shapes(
-        root, num_train=64, num_val=24, seed=0, image_size=32, shard_size=32, vocab_size=300, train_questions=2
+        root,
+        num_train=64,
+        num_val=24,
+        seed=0,
+        image_size=32,
+        shard_size=32,
+        vocab_size=300,
+        train_questions=2,
+        train_describe=True,
     )
     return root
 

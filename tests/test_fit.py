@@ -100,6 +100,13 @@ def test_fit_generates_missing_data_and_refuses_mismatched_data(tmp_path: Path, 
     assert "data.shapes.generate is false" in capsys.readouterr().err
 
 
+def test_unknown_component_in_a_recipe_fails_before_training(tiny_overrides: list[str], capsys) -> None:
+    assert _fit([*tiny_overrides, "model.projector=mlp3x_gelu"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown projector 'mlp3x_gelu'. Did you mean: mlp2x_gelu?" in err
+    assert "Registered projectors: linear, mlp2x_gelu." in err
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_overrides: list[str], capsys) -> None:
     assert _fit([*tiny_overrides, "checkpoint.resume=last"]) == 2
     assert "checkpoint.resume='last': no checkpoint at" in capsys.readouterr().err

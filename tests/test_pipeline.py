@@ -49,6 +49,12 @@ def _encoder(tokenizer, max_length: int = 64) -> SampleEncoder:
     )
 
 
+def _pipeline(tokenizer, urls: list[str], max_length: int = 64, **options):
+    """The real pipeline with test defaults: batches of 2, fail on bad input, validation mode."""
+    kwargs = {"batch_size": 2, "on_error": "raise", "training": False, **options}
+    return build_pipeline(urls, _encoder(tokenizer, max_length), pad_id=tokenizer.pad_token_id, **kwargs)
+
+
 def test_chat_expands_images_and_labels_only_answers(tokenizer) -> None:
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     conv = json.loads(_conv())["conversations"] + json.loads(_conv(q="And the square?", a="blue"))["conversations"]
@@ -92,10 +98,7 @@ def _mixed_shard(tmp_path: Path) -> str:
 
 def test_skip_policy_skips_and_counts_bad_samples(tokenizer, tmp_path: Path) -> None:
     url = _mixed_shard(tmp_path)
-    pipe = build_pipeline(
-        [url], _encoder(tokenizer), batch_size=2, pad_id=tokenizer.pad_token_id, on_error="skip", training=False
-    )
-    batches = list(pipe)
+    batches = list(_pipeline(tokenizer, [url], on_error="skip"))
     assert [k for b in batches for k in b["keys"]] == ["good0", "good1", "good2"]
     assert sum(b["data_errors"] for b in batches) == 3
     assert batches[0]["pixel_values"].shape == (2, 3, 16, 16)
@@ -105,25 +108,14 @@ def test_skip_policy_skips_and_counts_bad_samples(tokenizer, tmp_path: Path) -> 
 
 def test_raise_policy_names_the_shard_and_sample(tokenizer, tmp_path: Path) -> None:
     url = _mixed_shard(tmp_path)
-    pipe = build_pipeline(
-        [url], _encoder(tokenizer), batch_size=2, pad_id=tokenizer.pad_token_id, on_error="raise", training=False
-    )
     with pytest.raises(DataError, match=r"mixed-000000.tar: sample corrupt: UnidentifiedImageError"):
-        list(pipe)
+        list(_pipeline(tokenizer, [url]))
 
 
 def test_over_length_sample_is_an_error_not_a_truncation(tokenizer, tmp_path: Path) -> None:
     url = _write_shard(tmp_path / "long-000000.tar", [{"__key__": "long", "png": _png(), "json": _conv()}])
-    pipe = build_pipeline(
-        [url],
-        _encoder(tokenizer, max_length=8),
-        batch_size=1,
-        pad_id=tokenizer.pad_token_id,
-        on_error="raise",
-        training=False,
-    )
     with pytest.raises(DataError, match=r"sample long: ValueError: \d+ tokens, over data.max_length=8"):
-        list(pipe)
+        list(_pipeline(tokenizer, [url], max_length=8))
 
 
 def test_missing_shards_fail_with_the_file_name_or_are_dropped(tmp_path: Path) -> None:
@@ -145,16 +137,8 @@ def test_training_stream_is_seeded_and_splits_across_workers(tokenizer, tiny_sha
     all_keys = sorted(f"train-{i:07d}" for i in range(64))
 
     def pipe(seed: int, resampled: bool):
-        return build_pipeline(
-            urls,
-            _encoder(tokenizer, 200),
-            batch_size=4,
-            pad_id=tokenizer.pad_token_id,
-            on_error="raise",
-            training=True,
-            resampled=resampled,
-            shuffle_buffer=8,
-            seed=seed,
+        return _pipeline(
+            tokenizer, urls, 200, batch_size=4, training=True, resampled=resampled, shuffle_buffer=8, seed=seed
         )
 
     def stream(seed: int) -> list[str]:
@@ -167,14 +151,7 @@ def test_training_stream_is_seeded_and_splits_across_workers(tokenizer, tiny_sha
     assert sorted(epoch) == all_keys and epoch != all_keys  # one shuffled pass, every sample once
 
     loader = torch.utils.data.DataLoader(
-        build_pipeline(
-            urls,
-            _encoder(tokenizer, 200),
-            batch_size=8,
-            pad_id=tokenizer.pad_token_id,
-            on_error="raise",
-            training=False,
-        ),
+        _pipeline(tokenizer, urls, 200, batch_size=8),
         batch_size=None,
         num_workers=2,
     )

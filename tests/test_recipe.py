@@ -46,7 +46,7 @@ def test_defaults_inheritance_and_override_order() -> None:
     cfg = load_recipe(TINY_RECIPE, ["trainer.max_steps=7"])
     assert cfg.name == "tiny" and cfg.output_dir == "runs/tiny"  # interpolation resolved after inheritance
     assert cfg.trainer.max_steps == 7  # command line beats the file
-    assert cfg.optim.lr == 2.0e-3  # inherited from shapes-tiny
+    assert cfg.optim.lr == 1.0e-3  # inherited from shapes-tiny
     assert cfg.model.backbone.config.hidden_size == 32  # the child's spec
     assert cfg.model.projector == "mlp2x_gelu"
 

@@ -210,11 +210,25 @@ def test_meta_lists_shards_on_disk(dataset: tuple[Path, dict]) -> None:
 def test_multi_question_samples_share_one_image_and_answer_correctly() -> None:
     rng = random.Random(7)
     for _ in range(50):
-        _, sample = make_sample(rng, 64, questions=3)
-        turns = sample["conversations"]
+        _, sample = make_sample(rng, 64, questions=3, describe=True)
+        *turns, ask, caption = sample["conversations"]
+        assert ask["value"] == "Describe the image." and sample["qtype"] == sample["qtypes"].pop() == "describe"
+        named = sorted(caption["value"].split(", "))
+        assert named == sorted(f"{o['colour']} {o['shape']}" for o in sample["objects"])
         humans, gpts = turns[0::2], turns[1::2]
         assert 1 <= len(humans) <= 3 and len(humans) == len(sample["qtypes"])
         assert [h["value"].count("<image>") for h in humans] == [1] + [0] * (len(humans) - 1)
-        assert len(set(sample["qtypes"])) == len(sample["qtypes"]) and sample["qtype"] == sample["qtypes"][-1]
+        assert len(set(sample["qtypes"])) == len(sample["qtypes"])
         for h, g in zip(humans, gpts, strict=True):
             assert g["value"] == _expected_answer(h["value"].removeprefix("<image>\n"), sample["objects"])
+
+
+def test_cli_data_shapes_writes_a_dataset_and_refuses_to_clobber(tmp_path: Path, capsys) -> None:
+    from skipvision.cli import main
+
+    args = ["data", "shapes", "--out", str(tmp_path / "ds"), "--num-train", "6", "--num-val", "4"]
+    assert main([*args, "--shard-size", "4", "--image-size", "32"]) == 0
+    assert "wrote 6 train / 4 val samples in 3 shards" in capsys.readouterr().out
+    assert dataset_is_complete(tmp_path / "ds")
+    assert main(args) == 2
+    assert "is not empty; pass overwrite=True" in capsys.readouterr().err

@@ -37,6 +37,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 QUESTION_TYPES = ("colour", "shape", "count", "position", "existence")
+DESCRIBE_QUESTION = "Describe the image."
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 MAX_OBJECTS = 4
 META_VERSION = 1
@@ -138,12 +139,22 @@ def _ask(rng: random.Random, qtype: str, objects: Scene, image_size: int) -> tup
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
-def make_sample(rng: random.Random, image_size: int, questions: int = 1) -> tuple[Image.Image, dict[str, Any]]:
+def describe_scene(objects: Scene, image_size: int) -> str:
+    """Caption listing every object as "colour shape" in reading order (rows of a quarter image, then x)."""
+    ordered = sorted(objects, key=lambda o: (o["y"] // max(1, image_size // 4), o["x"]))
+    return ", ".join(f"{o['colour']} {o['shape']}" for o in ordered)
+
+
+def make_sample(
+    rng: random.Random, image_size: int, questions: int = 1, describe: bool = False
+) -> tuple[Image.Image, dict[str, Any]]:
     """Draw one scene and ``questions`` questions about it (a multi-turn conversation, one image).
 
     The first question's type is drawn uniformly and the scene is redrawn until it is askable; further turns
     take the other types in random order, skipping those the scene cannot support, without repeating a question.
-    ``qtype`` is the last question's type (the one a validation prompt is scored on).
+    ``describe`` appends a caption turn naming every object (dense colour+shape supervision, as in LLaVA's
+    caption data); it comes last so no question can read its answer from the caption.
+    ``qtype`` is the last turn's type (the one a single-question validation prompt is scored on).
     """
     first = rng.choice(QUESTION_TYPES)
     while True:
@@ -159,6 +170,9 @@ def make_sample(rng: random.Random, image_size: int, questions: int = 1) -> tupl
         if qa is not None and qa[0] not in (t[0] for t in turns):
             turns.append(qa)
             qtypes.append(qtype)
+    if describe:
+        turns.append((DESCRIBE_QUESTION, describe_scene(objects, image_size)))
+        qtypes.append("describe")
     conversations = []
     for i, (question, answer) in enumerate(turns):
         prefix = "<image>\n" if i == 0 else ""
@@ -168,7 +182,14 @@ def make_sample(rng: random.Random, image_size: int, questions: int = 1) -> tupl
 
 
 def write_split(
-    out_dir: Path, split: str, num_samples: int, seed: int, image_size: int, shard_size: int, questions: int = 1
+    out_dir: Path,
+    split: str,
+    num_samples: int,
+    seed: int,
+    image_size: int,
+    shard_size: int,
+    questions: int = 1,
+    describe: bool = False,
 ) -> list[str]:
     """Write ``num_samples`` samples of up to ``questions`` turns as shards ``out_dir/split/shapes-{split}-N.tar``.
 
@@ -182,7 +203,7 @@ def write_split(
     written: list[str] = []
     with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0.0, post=written.append) as sink:
         for index in range(num_samples):
-            image, sample = make_sample(rng, image_size, questions)
+            image, sample = make_sample(rng, image_size, questions, describe)
             png = io.BytesIO()
             image.save(png, format="PNG")
             sink.write(
@@ -216,12 +237,14 @@ def generate_shapes(
     shard_size: int = 1000,
     vocab_size: int = 512,
     train_questions: int = 1,
+    train_describe: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Generate train/val shards, a tokenizer (``out_dir/tokenizer``) and ``out_dir/meta.json``.
 
-    Training images carry up to ``train_questions`` question turns each (more supervision per image forward);
-    validation samples always ask one question, so accuracy per question type stays clean.
+    Training images carry up to ``train_questions`` question turns each (more supervision per image forward),
+    plus a caption turn with ``train_describe``; validation samples ask one question, so accuracy per question
+    type stays clean.
 
     Everything is written to a temporary sibling folder that is renamed into place at the end, so an
     interrupted run never leaves a dataset that :func:`dataset_is_complete` accepts. An existing empty
@@ -235,7 +258,9 @@ def generate_shapes(
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        train_shards = write_split(tmp, "train", num_train, seed, image_size, shard_size, train_questions)
+        train_shards = write_split(
+            tmp, "train", num_train, seed, image_size, shard_size, train_questions, train_describe
+        )
         val_shards = write_split(tmp, "val", num_val, seed + VAL_SEED_OFFSET, image_size, shard_size)
         texts = _conversation_texts(tmp, train_shards) + list(TEMPLATE_TEXTS)
         train_tokenizer(texts, tmp / "tokenizer", vocab_size=vocab_size)
@@ -246,6 +271,7 @@ def generate_shapes(
             "num_val": num_val,
             "shard_size": shard_size,
             "train_questions": train_questions,
+            "train_describe": train_describe,
             "train_shards": train_shards,
             "val_shards": val_shards,
             "question_types": list(QUESTION_TYPES),

@@ -88,35 +88,38 @@ def _processor_stats(path: Path, mean: tuple, std: tuple) -> tuple[tuple, tuple]
     return tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
 
 
-@ENCODERS.register("hf_clip", tiny=TINY_TOWER)
-def hf_clip(
-    config: dict[str, Any] | None = None,
-    path: str | None = None,
-    feature_layer: int = -2,
-    attn_implementation: str = "sdpa",
-) -> HFVisionTower:
-    """CLIP vision tower (``CLIPVisionModel``); a full CLIP checkpoint folder works too. CLS dropped."""
-    return HFVisionTower(
-        CLIPVisionModel, CLIPVisionConfig, 1, CLIP_MEAN, CLIP_STD, config, path, feature_layer, attn_implementation
-    )
+def _register_tower(
+    name: str, model_cls: type[nn.Module], config_cls: type, prefix_tokens: int, mean: tuple, std: tuple, doc: str
+) -> None:
+    def build(
+        config: dict[str, Any] | None = None,
+        path: str | None = None,
+        feature_layer: int = -2,
+        attn_implementation: str = "sdpa",
+    ) -> HFVisionTower:
+        return HFVisionTower(
+            model_cls, config_cls, prefix_tokens, mean, std, config, path, feature_layer, attn_implementation
+        )
+
+    build.__doc__ = doc
+    ENCODERS.register(name, tiny=TINY_TOWER)(build)
 
 
-@ENCODERS.register("hf_siglip", tiny=TINY_TOWER)
-def hf_siglip(
-    config: dict[str, Any] | None = None,
-    path: str | None = None,
-    feature_layer: int = -2,
-    attn_implementation: str = "sdpa",
-) -> HFVisionTower:
-    """SigLIP vision tower (``SiglipVisionModel``); it has no CLS token."""
-    return HFVisionTower(
-        SiglipVisionModel,
-        SiglipVisionConfig,
-        0,
-        SIGLIP_MEAN,
-        SIGLIP_STD,
-        config,
-        path,
-        feature_layer,
-        attn_implementation,
-    )
+_register_tower(
+    "hf_clip",
+    CLIPVisionModel,
+    CLIPVisionConfig,
+    1,
+    CLIP_MEAN,
+    CLIP_STD,
+    "CLIP vision tower (``CLIPVisionModel``); a full CLIP checkpoint folder works too. CLS dropped.",
+)
+_register_tower(
+    "hf_siglip",
+    SiglipVisionModel,
+    SiglipVisionConfig,
+    0,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    "SigLIP vision tower (``SiglipVisionModel``); it has no CLS token.",
+)

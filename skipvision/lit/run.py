@@ -50,17 +50,9 @@ def prepare_data(cfg: DictConfig) -> Path:
         root.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(f"{root}.lock"):
             if not dataset_is_complete(root):
-                s = data.shapes
-                generate_shapes(
-                    root,
-                    num_train=s.num_train,
-                    num_val=s.num_val,
-                    seed=s.seed,
-                    image_size=s.image_size,
-                    shard_size=s.shard_size,
-                    vocab_size=s.vocab_size,
-                    train_questions=s.train_questions,
-                )
+                settings = OmegaConf.to_container(data.shapes)
+                settings.pop("generate")
+                generate_shapes(root, **settings)
     if uses_root:
         _check_generated_matches(root, data.shapes)
     tokenizer = Path(data.tokenizer) if data.tokenizer else root / "tokenizer"
@@ -75,8 +67,9 @@ def _check_generated_matches(root: Path, shapes: DictConfig) -> None:
     meta = json.loads(meta_file.read_text())
     if "image_size" not in meta:
         return  # not a generated shapes dataset (e.g. converted shards with their own meta.json)
-    keys = ("num_train", "num_val", "seed", "image_size", "shard_size", "train_questions")
-    differ = {k: (meta.get(k, 1), shapes[k]) for k in keys if meta.get(k, 1) != shapes[k]}
+    defaults = {"train_questions": 1, "train_describe": False}
+    keys = ("num_train", "num_val", "seed", "image_size", "shard_size", *defaults)
+    differ = {k: (meta.get(k, defaults.get(k)), shapes[k]) for k in keys if meta.get(k, defaults.get(k)) != shapes[k]}
     if differ:
         diff = ", ".join(f"{k}: {have} on disk, {want} in the recipe" for k, (have, want) in differ.items())
         raise DataError(
@@ -141,7 +134,7 @@ def build(cfg: DictConfig) -> tuple[VLMLitModule, WebDataModule, Path]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.output_dir)
     source = prepare_data(cfg)
-    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer_dir = run_dir.resolve() / "tokenizer"
     with FileLock(f"{run_dir}.lock"):
         if not (tokenizer_dir / "tokenizer.json").is_file():
             load_tokenizer(source).save_pretrained(tokenizer_dir)
