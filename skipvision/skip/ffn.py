@@ -1,0 +1,128 @@
+"""Skip-FFN on an unmodified Hugging Face causal LM (METHOD.md section 3).
+
+Every supported decoder layer computes ``h = h + mlp(post_attention_layernorm(h))``. :class:`SkipFFN` overrides
+the ``forward`` attribute of each selected layer's ``mlp`` *instance* so that the real MLP runs only on the rows a
+plan marks as "FFN" and returns zeros on the others: a skipped token then keeps the attention residual only, which is
+exactly Skip-FFN, while still taking part in attention as query, key and value. No module is replaced, so parameter
+names, ``state_dict`` keys and FSDP wrapping are untouched, and :meth:`SkipFFN.detach` restores the model exactly
+(ARCHITECTURE.md "Skip-FFN without forking transformers").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of an HF causal LM (``model.model.layers``) or of its base model (``model.layers``)."""
+    for owner in (model, getattr(model, "model", None)):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: expected an nn.ModuleList at `.model.layers` "
+        "(HF causal LM such as Llama, Qwen2, Mistral) or `.layers` (its base model)"
+    )
+
+
+class SkipFFN:
+    """Run the FFN of the selected decoder layers only on the rows a plan marks as "FFN" (METHOD.md section 3).
+
+    Usage::
+
+        with SkipFFN(model, layers=None) as skip:   # None = every layer
+            skip.set_plan(ffn_mask)                 # [B, T] bool, True = run the FFN on that token
+            logits = model(inputs_embeds=embeds).logits
+
+    The plan persists until replaced or cleared, so HF gradient checkpointing, which re-runs layer forwards during
+    backward, recomputes with the same plan. Calls whose [B, T] differs from the plan's (decode steps with T=1,
+    text-only batches) run the plain MLP. The real MLP is called on every call, even with zero kept rows, so DDP/FSDP
+    collectives stay matched across ranks (SPMD safety).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None) -> None:
+        all_layers = decoder_layers(model)
+        n = len(all_layers)
+        indices = range(n) if layers is None else layers
+        resolved: list[int] = []
+        for i in indices:
+            if not -n <= i < n:
+                raise ValueError(f"Skip-FFN layer index {i} is out of range: valid indices are {-n}..{n - 1}")
+            resolved.append(i % n)
+        self.layers: tuple[int, ...] = tuple(sorted(set(resolved)))
+        self._all_layers = all_layers
+        self._mlps: list[nn.Module] = [all_layers[i].mlp for i in self.layers]
+        self._shape: tuple[int, int] | None = None  # [B, T] of the current plan
+        self._keep: torch.Tensor | None = None  # [n_keep] flat row indices of the FFN rows
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        """Whether the MLP overrides are installed."""
+        return self._attached
+
+    def set_plan(self, ffn_mask: torch.Tensor | None) -> None:
+        """Set (or clear, with None) the plan: ``ffn_mask`` [B, T] bool, True = run the FFN on that row.
+
+        The flat indices of the kept rows are computed once here and shared by every hooked layer.
+        """
+        if ffn_mask is None:
+            self._shape, self._keep = None, None
+            return
+        if ffn_mask.dim() != 2 or ffn_mask.dtype != torch.bool:
+            raise ValueError(f"ffn_mask must be a [B, T] bool tensor, got {ffn_mask.dtype} {tuple(ffn_mask.shape)}")
+        self._shape = (ffn_mask.shape[0], ffn_mask.shape[1])
+        self._keep = ffn_mask.flatten().nonzero().squeeze(1)  # [n_keep]
+
+    def attach(self) -> SkipFFN:
+        """Install the MLP overrides (idempotent). Fails if any MLP of the model already has an instance override."""
+        if self._attached:
+            return self
+        taken = [i for i, layer in enumerate(self._all_layers) if "forward" in layer.mlp.__dict__]
+        if taken:
+            raise RuntimeError(
+                f"the MLPs of decoder layers {taken} already have an instance-level forward override "
+                "(is another SkipFFN attached to this model?); detach it first"
+            )
+        for mlp in self._mlps:
+            mlp.forward = self._wrap(mlp.forward)
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove the overrides: each MLP falls back to its class ``forward``. The plan is kept."""
+        if not self._attached:
+            return
+        for mlp in self._mlps:
+            del mlp.forward
+        self._attached = False
+
+    def __enter__(self) -> SkipFFN:
+        return self.attach()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.detach()
+
+    def _wrap(self, original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The override for one MLP: ``original`` (its bound class forward) on the kept rows, zeros elsewhere."""
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            keep = self._keep
+            if keep is None or tuple(x.shape[:-1]) != self._shape:
+                return original(x, *args, **kwargs)  # no plan, decode step or text-only call: plain MLP
+            b, t, d = x.shape
+            keep = keep.to(x.device)  # [n_keep]
+            flat = x.reshape(b * t, d)  # [B*T, D]
+            # Always called, even with n_keep == 0 ([1, 0, D]), so collectives match across ranks.
+            y = original(flat.index_select(0, keep).unsqueeze(0), *args, **kwargs).squeeze(0)  # [n_keep, D]
+            out = y.new_zeros(b * t, y.shape[-1]).index_copy(0, keep, y)  # [B*T, D]
+            return out.reshape(b, t, -1)  # [B, T, D]
+
+        return forward
