@@ -225,4 +225,7 @@ ENCODERS = Registry("encoder", builtins="skipvision.encoders")
 PROJECTORS = Registry("projector", builtins="skipvision.projectors")
 BACKBONES = Registry("backbone", builtins="skipvision.backbones")
 
-REGISTRIES: dict[str, Registry] = {r.kind: r for r in (ENCODERS, PROJECTORS, BACKBONES)}
+COMPRESSORS = Registry("compressor", builtins="skipvision.compressors")
+SKIP_POLICIES = Registry("skip_policy", builtins="skipvision.skip.policies")
+
+REGISTRIES: dict[str, Registry] = {r.kind: r for r in (ENCODERS, PROJECTORS, BACKBONES, COMPRESSORS, SKIP_POLICIES)}

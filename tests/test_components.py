@@ -22,7 +22,7 @@ from skipvision.encoders.hf_vision import TINY_TOWER
 from skipvision.encoders.timm_encoder import TINY_VIT
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS, REGISTRIES
 
-ALL_COMPONENTS = [(kind, name) for kind, r in REGISTRIES.items() for name in r.names()]
+ALL_COMPONENTS = [(kind, name) for kind in ("encoder", "projector", "backbone") for name in REGISTRIES[kind].names()]
 
 
 @pytest.mark.parametrize(("kind", "name"), ALL_COMPONENTS)
