@@ -12,6 +12,9 @@ class VisionEncoder(nn.Module):
     Subclasses set ``out_dim`` (C_v), ``num_tokens`` (N), ``image_size`` (H, W) and the normalisation ``mean`` and
     ``std`` the data pipeline must apply, and implement ``forward(pixel_values [B, 3, H, W]) -> [B, N, C_v]``.
     Patch tokens come in raster order.
+
+    Encoders with a [CLS] token also set ``has_cls`` and override ``forward_with_cls_attention``, which gives the
+    paper's selection scores (METHOD.md section 2) in the same pass as the features.
     """
 
     out_dim: int
@@ -19,6 +22,25 @@ class VisionEncoder(nn.Module):
     image_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    has_cls: bool = False
+    """Whether ``forward_with_cls_attention`` returns [CLS] attention scores (False: it returns None)."""
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_with_cls_attention(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features [B, N, C_v] and the [CLS] attention at the feature layer, summed over heads, at the N patch
+        positions [B, N]; None for encoders without a [CLS] token (CNNs, SigLIP)."""
+        return self(pixel_values), None
+
+
+def cls_attention_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, num_prefix: int) -> torch.Tensor:
+    """The attention of the [CLS] query over all keys, softmax per head, summed over heads, at the patch positions.
+
+    Only the [CLS] row is computed (O(T) per head, no [T, T] map), so the encoder keeps its fused attention
+    (USERS.md item 2). ``query`` [B, H, 1, d] is the [CLS] query, ``keys`` [B, H, T, d] all T tokens' keys, the
+    first ``num_prefix`` of which are prefix tokens and are dropped from the result [B, T - num_prefix].
+    """
+    logits = (query.float() @ keys.float().transpose(-2, -1)) * scale  # [B, H, 1, T]
+    probs = logits.softmax(dim=-1)  # [B, H, 1, T]
+    return probs.sum(dim=1)[:, 0, num_prefix:]  # [B, N]

@@ -3,6 +3,7 @@
 LLaVA takes the penultimate layer's hidden states of CLIP ViT-L/14-336 without the CLS token (METHOD.md
 section 2); ``feature_layer`` indexes ``hidden_states`` the same way (-2 = penultimate layer's output). Layers past
 the feature layer are removed; the unused post-norm/pooling head is frozen so DDP sees no unused trainable weight.
+CLIP also gives the feature layer's [CLS] attention scores (the paper's selection rule) without eager attention.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from skipvision.encoders.base import VisionEncoder
+from skipvision.encoders.base import VisionEncoder, cls_attention_scores
 from skipvision.registry import ENCODERS
 
 TINY_TOWER = {
@@ -34,7 +35,10 @@ SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 class HFVisionTower(VisionEncoder):
-    """A transformers vision model; ``prefix_tokens`` leading tokens (CLIP's CLS) are dropped from the output."""
+    """A transformers vision model; ``prefix_tokens`` leading tokens (CLIP's CLS) are dropped from the output.
+
+    ``has_cls`` when there is exactly one prefix token (CLIP) and at least one layer is kept; SigLIP has none.
+    """
 
     def __init__(
         self,
@@ -69,6 +73,7 @@ class HFVisionTower(VisionEncoder):
             if not name.startswith(("embeddings.", "pre_layrnorm.", "encoder.")):
                 param.requires_grad_(False)
         self.prefix_tokens = prefix_tokens
+        self.has_cls = prefix_tokens == 1 and keep >= 1
         self.out_dim = cfg.hidden_size
         self.image_size = (cfg.image_size, cfg.image_size)
         self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2
@@ -77,6 +82,27 @@ class HFVisionTower(VisionEncoder):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
         return out.hidden_states[-1][:, self.prefix_tokens :]  # [B, N, C]
+
+    def forward_with_cls_attention(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features and the feature layer's [CLS] attention (summed over heads, patch positions only).
+
+        The feature layer's input is ``hidden_states[-2]``; its ``layer_norm1`` and ``q_proj``/``k_proj`` give the
+        [CLS] query and all keys, so only one attention row is formed (any ``attn_implementation``), without
+        gradient: the scores only select tokens.
+        """
+        if not self.has_cls:
+            return super().forward_with_cls_attention(pixel_values)
+        out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[-1][:, self.prefix_tokens :]  # [B, N, C]
+        layer = getattr(self.tower, "vision_model", self.tower).encoder.layers[-1]
+        attn = layer.self_attn
+        with torch.no_grad():
+            h = layer.layer_norm1(out.hidden_states[-2])  # [B, T, C], the feature layer's normed input
+            batch, tokens, _ = h.shape
+            q = attn.q_proj(h[:, :1]).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1, d]
+            k = attn.k_proj(h).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, T, d]
+            scores = cls_attention_scores(q, k, attn.scale, self.prefix_tokens)  # [B, N]
+        return feats, scores
 
 
 def _processor_stats(path: Path, mean: tuple, std: tuple) -> tuple[tuple, tuple]:

@@ -7,9 +7,11 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import resolve_model_data_config
+from timm.layers import Attention
 
-from skipvision.encoders.base import VisionEncoder
+from skipvision.encoders.base import VisionEncoder, cls_attention_scores
 from skipvision.registry import ENCODERS
 
 TINY_VIT = {
@@ -28,6 +30,9 @@ class TimmEncoder(VisionEncoder):
     Weights: ``pretrained=True`` takes timm's weights for ``model_name`` (a hub download, not possible offline);
     ``checkpoint_path`` loads a local ``.pth``/``.safetensors`` state dict instead. ``model_kwargs`` go to
     ``timm.create_model`` (e.g. ``depth``, ``embed_dim`` for small test models).
+
+    ``has_cls``: ViT-like models with a class token whose feature block is a standard timm ``Block`` (``norm1`` then
+    ``attn``, an ``Attention`` with fused ``qkv``) give [CLS] attention scores from ``forward_with_cls_attention``.
     """
 
     def __init__(
@@ -57,12 +62,56 @@ class TimmEncoder(VisionEncoder):
         with torch.no_grad():
             probe = self.forward(torch.zeros(1, 3, *self.image_size, device=device))  # [1, N, C]
         self.num_tokens, self.out_dim = int(probe.shape[1]), int(probe.shape[2])
+        block = self.model.blocks[self.take_indices[-1]] if hasattr(self.model, "blocks") else None
+        self.has_cls = (
+            getattr(self.model, "cls_token", None) is not None
+            and getattr(self.model, "num_prefix_tokens", 0) >= 1
+            and isinstance(getattr(block, "attn", None), Attention)
+            and hasattr(block, "norm1")
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         (feats,) = self.model.forward_intermediates(
             pixel_values, indices=self.take_indices, intermediates_only=True, output_fmt="NCHW"
         )  # [B, C, h, w]
         return feats.flatten(2).transpose(1, 2)  # [B, h*w, C]
+
+    def forward_with_cls_attention(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features and the feature block's [CLS] attention (summed over heads, patch positions only).
+
+        The feature block's output is the features; its attention is computed from its input, which a forward
+        pre-hook captures during the ordinary forward. Only the [CLS] query row is formed (no [T, T] map), without
+        gradient: the scores only select tokens.
+        """
+        if not self.has_cls:
+            return super().forward_with_cls_attention(pixel_values)
+        block = self.model.blocks[self.take_indices[-1]]
+        captured: list[torch.Tensor] = []
+
+        def capture(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            captured.append(args[0])  # [B, T, C], the feature block's input, prefix tokens included
+
+        handle = block.register_forward_pre_hook(capture)
+        try:
+            feats = self.forward(pixel_values)  # [B, N, C]
+        finally:
+            handle.remove()
+        with torch.no_grad():
+            scores = _timm_cls_attention(block, captured[0], self.model.num_prefix_tokens)  # [B, N]
+        return feats, scores
+
+
+def _timm_cls_attention(block: torch.nn.Module, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """[CLS] attention of a timm ``Block`` on its input ``x`` [B, T, C], with the block's own ``norm1``, ``qkv``
+    weights and q/k norms; returns [B, T - num_prefix]."""
+    attn = block.attn
+    h = block.norm1(x)  # [B, T, C]
+    batch, tokens, _ = h.shape
+    w_q, w_k, _ = attn.qkv.weight.chunk(3)  # [A, C] each; qkv's output is laid out (3, heads, head_dim)
+    b_q, b_k = attn.qkv.bias.chunk(3)[:2] if attn.qkv.bias is not None else (None, None)
+    q = F.linear(h[:, :1], w_q, b_q).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1, d]
+    k = F.linear(h, w_k, b_k).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, T, d]
+    return cls_attention_scores(attn.q_norm(q), attn.k_norm(k), attn.scale, num_prefix)  # [B, N]
 
 
 def _create(
