@@ -1,13 +1,15 @@
-"""The vision-language model: encode -> project -> fill the ``<image>`` slots -> HF causal LM -> loss.
+"""The vision-language model: encode -> project -> skip-vision tokens -> fill the ``<image>`` slots -> HF causal
+LM with Skip-FFN -> loss.
 
-ARCHITECTURE.md "Data flow", steps 2-3 (METHOD.md section 2 for the visual token pipeline). No Lightning here:
-inference and unit tests use this module directly. The backbone is an unmodified transformers model, called
-with ``inputs_embeds`` and explicit ``position_ids``, so its logits equal the plain HF model's on the same
-embeddings.
+ARCHITECTURE.md "Data flow", steps 2-3; METHOD.md section 2 (visual token pipeline: policy split, merge, summaries)
+and section 3 (Skip-FFN on the skipped slots). No Lightning here: inference and unit tests use this module
+directly. The backbone is an unmodified transformers model, called with ``inputs_embeds`` and explicit
+``position_ids``; with the ``none`` policy its logits equal the plain HF model's on the same embeddings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from skipvision.data.chat import IGNORE_INDEX
 from skipvision.encoders.base import VisionEncoder
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS
+from skipvision.skip.ffn import SkipFFN
+from skipvision.skip.visual import SkipVisionTokens, VisualTokens
 
 
 class ImageTokenMismatchError(ValueError):
@@ -28,7 +32,15 @@ class ImageTokenMismatchError(ValueError):
 @dataclass
 class VLMOutput:
     logits: torch.Tensor  # [B, T, V]
-    loss: torch.Tensor | None = None  # scalar: mean CE over answer tokens
+    loss: torch.Tensor | None = None  # scalar: mean CE over answer tokens (+ a learned policy's aux loss)
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class Embedded:
+    embeds: torch.Tensor  # [B, T, D] text embeddings with the visual slots filled
+    ffn_mask: torch.Tensor | None = None  # [B, T] bool, False at skipped slots; None: every token runs the FFN
+    aux_loss: torch.Tensor | None = None
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -45,16 +57,26 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class VisionLanguageModel(nn.Module):
-    """LLaVA-style VLM: ``encoder`` [M, N, C_v] -> ``projector`` [M, N, D] -> slots of the ``backbone`` input."""
+    """LLaVA-style VLM with Skip-Vision: ``encoder`` [M, N, C_v] -> ``projector`` [M, N, D] -> ``visual``
+    (split/merge/summaries, [M, K, D]) -> slots of the ``backbone`` input, whose MLPs skip the S slots."""
 
     def __init__(
-        self, encoder: VisionEncoder, projector: nn.Module, backbone: PreTrainedModel, image_token_id: int
+        self,
+        encoder: VisionEncoder,
+        projector: nn.Module,
+        backbone: PreTrainedModel,
+        image_token_id: int,
+        visual: SkipVisionTokens | None = None,
+        skip_layers: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.projector = projector
         self.backbone = backbone
         self.image_token_id = image_token_id
+        dim = backbone.config.hidden_size
+        self.visual = visual or SkipVisionTokens(encoder.num_tokens, dim)
+        self.skip_ffn = SkipFFN(backbone, skip_layers).attach() if self.visual.skips else None
 
     @classmethod
     def from_specs(
@@ -64,32 +86,45 @@ class VisionLanguageModel(nn.Module):
         backbone: Any,
         tokenizer: PreTrainedTokenizerBase,
         image_token: str = "<image>",
+        skip: Mapping[str, Any] | None = None,
     ) -> VisionLanguageModel:
-        """Build every part from registry specs; sizes and the vocabulary are wired from the tokenizer."""
+        """Build every part from registry specs; sizes and the vocabulary are wired from the tokenizer.
+
+        ``skip``: ``policy``, ``compressor``, ``num_skipped`` (N_s), ``summary_tokens``, ``layers`` (Skip-FFN
+        schedule; None = every layer). Omitted: the full model.
+        """
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if image_token_id is None or image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {image_token!r} token")
         enc = ENCODERS.build(encoder)
         llm = BACKBONES.build(backbone, vocab_size=len(tokenizer))
-        proj = PROJECTORS.build(projector, in_dim=enc.out_dim, out_dim=llm.config.hidden_size)
-        return cls(enc, proj, llm, image_token_id)
+        dim = llm.config.hidden_size
+        proj = PROJECTORS.build(projector, in_dim=enc.out_dim, out_dim=dim)
+        skip = dict(skip or {})
+        layers = skip.pop("layers", None)
+        visual = SkipVisionTokens(num_tokens=enc.num_tokens, dim=dim, **skip) if skip else None
+        return cls(enc, proj, llm, image_token_id, visual, layers)
 
     @property
     def num_image_tokens(self) -> int:
-        """Slots one ``<image>`` placeholder expands to."""
-        return self.encoder.num_tokens
+        """Slots one ``<image>`` placeholder expands to: N, or N_r + N_s (+ 2 summaries) with Skip-Vision."""
+        return self.visual.num_slots
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[M, 3, H, W] -> [M, N, D] visual tokens in the LLM's embedding space."""
-        return self.projector(self.encoder(pixel_values))  # [M, N, D]
+    def image_features(self, pixel_values: torch.Tensor) -> VisualTokens:
+        """[M, 3, H, W] -> the slot tokens [M, K, D] in the LLM's embedding space and which slots run the FFN."""
+        if self.visual.policy.uses_cls_scores:
+            feats, cls_scores = self.encoder.forward_with_cls_attention(pixel_values)  # [M, N, C], [M, N]
+        else:
+            feats, cls_scores = self.encoder(pixel_values), None
+        return self.visual(self.projector(feats), cls_scores)  # tokens [M, K, D]
 
     def embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         num_images: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Text embeddings with visual tokens written into the image slots. [B, T] -> [B, T, D]
+    ) -> Embedded:
+        """Text embeddings with the visual slot tokens written into the image slots, and the Skip-FFN mask.
 
         ``num_images`` [B] (images per sample, in order) lets every sample's slot count be checked, so features
         can never land in another sample's slots.
@@ -101,9 +136,33 @@ class VisionLanguageModel(nn.Module):
             num_images = torch.tensor([n_images]) if input_ids.shape[0] == 1 else None
         self._check_slots(slots, n_images, num_images)
         if n_images == 0:
-            return embeds
-        feats = self.image_features(pixel_values).to(embeds.dtype)  # [M, N, D]
-        return embeds.masked_scatter(slots.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))  # [B, T, D]
+            return Embedded(embeds)
+        visual = self.image_features(pixel_values)
+        tokens = visual.tokens.to(embeds.dtype)  # [M, K, D]
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1), tokens.reshape(-1, tokens.shape[-1]))  # [B, T, D]
+        ffn_mask = None
+        if not bool(visual.ffn.all()):
+            ffn_mask = torch.ones_like(slots)  # [B, T]
+            ffn_mask[slots] = visual.ffn.repeat(n_images)  # slots fill row-major, image after image
+        return Embedded(embeds, ffn_mask, visual.aux_loss)
+
+    def run_backbone(
+        self,
+        embedded: Embedded,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any = None,
+    ) -> Any:
+        """The backbone over the full sequence with the Skip-FFN plan of ``embedded`` (training and prefill)."""
+        if self.skip_ffn is not None:
+            self.skip_ffn.set_plan(embedded.ffn_mask)
+        return self.backbone(
+            inputs_embeds=embedded.embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
 
     def _check_slots(self, slots: torch.Tensor, n_images: int, num_images: torch.Tensor | None) -> None:
         per_image = self.num_image_tokens
@@ -135,12 +194,9 @@ class VisionLanguageModel(nn.Module):
         num_images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> VLMOutput:
-        embeds = self.embed(input_ids, pixel_values, num_images)  # [B, T, D]
-        out = self.backbone(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask),
-            use_cache=False,
-        )
+        embedded = self.embed(input_ids, pixel_values, num_images)  # embeds [B, T, D]
+        out = self.run_backbone(embedded, attention_mask, positions_from_mask(attention_mask))
         loss = None if labels is None else next_token_loss(out.logits, labels)
-        return VLMOutput(logits=out.logits, loss=loss)
+        if loss is not None and embedded.aux_loss is not None:
+            loss = loss + embedded.aux_loss
+        return VLMOutput(logits=out.logits, loss=loss, aux_loss=embedded.aux_loss)

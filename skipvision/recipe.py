@@ -58,10 +58,22 @@ class DataConfig:
 
 
 @dataclass
+class SkipConfig:
+    """Skip-Vision (METHOD.md sections 2-3). The ``none`` policy is the full model."""
+
+    policy: Any = "none"  # none | uniform | attention_score | router (with num_retained or retain_ratio)
+    compressor: Any = "token_merge"  # token_merge | avg_pool | identity
+    num_skipped: int | None = None  # N_s, the merged size of the skipped group; None: no merge
+    summary_tokens: bool = True  # s_R and s_S
+    layers: list[int] | None = None  # decoder layers that skip the FFN; None: all
+
+
+@dataclass
 class ModelConfig:
     encoder: Any = field(default_factory=lambda: {"name": "timm", "model_name": "vit_tiny_patch16_224"})
     projector: Any = "mlp2x_gelu"
     backbone: Any = field(default_factory=lambda: {"name": "hf_causal_lm", "config": {"model_type": "llama"}})
+    skip: SkipConfig = field(default_factory=SkipConfig)
 
 
 @dataclass

@@ -107,14 +107,17 @@ class Registry:
         """The component's download-free test configuration as a full spec."""
         return {"name": name, **self.get(name).tiny}
 
-    def build(self, spec: str | Mapping[str, Any], **wiring: Any) -> Any:
-        """Build a component from a spec; ``wiring`` holds arguments the framework supplies (sizes, tokenizer).
+    def build(self, spec: str | Mapping[str, Any], *, optional: Mapping[str, Any] | None = None, **wiring: Any) -> Any:
+        """Build a component from a spec; ``wiring`` holds arguments the framework supplies (sizes, tokenizer),
+        ``optional`` those it supplies only to builders that take them (e.g. a learned policy's width).
 
         Unknown arguments fail against the builder's signature before anything is built.
         """
         spec = resolve_spec(self, spec)
         name = spec.pop("name")
         entry = self.get(name)
+        accepted = inspect.signature(entry.builder).parameters
+        wiring.update({k: v for k, v in (optional or {}).items() if k in accepted})
         clash = sorted(set(spec) & set(wiring))
         if clash:
             raise RegistryError(f"{self.kind} {name!r}: {', '.join(clash)} is set by the framework, not the recipe")

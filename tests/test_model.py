@@ -66,7 +66,7 @@ def test_logits_equal_plain_hf_model_on_same_embeddings(tokenizer, model_type: s
         out = model(
             batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["num_images"], batch["labels"]
         )
-        embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["num_images"])
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["num_images"]).embeds
         ref = plain(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
     real = batch["attention_mask"].bool()
     assert torch.equal(out.logits[real], ref.logits[real])
@@ -77,8 +77,8 @@ def test_visual_tokens_fill_exactly_the_slots_in_image_order(tokenizer) -> None:
     model = build(tokenizer)
     batch = make_batch(tokenizer, model)
     with torch.no_grad():
-        embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["num_images"])
-        feats = model.image_features(batch["pixel_values"])  # [3, N, D]
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["num_images"]).embeds
+        feats = model.image_features(batch["pixel_values"]).tokens  # [3, N, D]
         text = model.backbone.get_input_embeddings()(batch["input_ids"])
     slots = batch["input_ids"] == model.image_token_id
     assert slots.sum(-1).tolist() == [16, 32, 0]

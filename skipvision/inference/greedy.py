@@ -23,11 +23,11 @@ def greedy_generate(
     eos_token_id: int,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt; each returned list stops before its EOS."""
-    embeds = model.embed(prompt_ids, pixel_values, num_images)  # [B, P, D]
+    embedded = model.embed(prompt_ids, pixel_values, num_images)  # embeds [B, P, D]
     mask = prompt_mask  # [B, P]
     positions = positions_from_mask(mask)  # [B, P]
     cache = DynamicCache(config=model.backbone.config)
-    out = model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    out = model.run_backbone(embedded, mask, positions, cache)  # prefill exactly as in training
     batch = prompt_ids.shape[0]
     next_pos = positions[:, -1:] + 1  # [B, 1]
     done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)

@@ -36,7 +36,10 @@ class VLMLitModule(L.LightningModule):
         self.cfg: DictConfig = OmegaConf.create(recipe)
         self.tokenizer = load_tokenizer(tokenizer_path)
         m = self.cfg.model
-        self.model = VisionLanguageModel.from_specs(m.encoder, m.projector, m.backbone, self.tokenizer, IMAGE_TOKEN)
+        skip = OmegaConf.to_container(m.skip, resolve=True)
+        self.model = VisionLanguageModel.from_specs(
+            m.encoder, m.projector, m.backbone, self.tokenizer, IMAGE_TOKEN, skip=skip
+        )
         for part in COMPONENTS:
             if self.cfg.optim[f"freeze_{part}"]:
                 self.component(part).requires_grad_(False)
@@ -60,6 +63,8 @@ class VLMLitModule(L.LightningModule):
         out = self(batch)
         self.data_errors += batch["data_errors"]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if out.aux_loss is not None:
+            self.log("train/aux_loss", out.aux_loss)
         self.log("data/skipped", float(self.data_errors), reduce_fx="sum", sync_dist=True)
         return out.loss
 

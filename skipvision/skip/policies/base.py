@@ -52,9 +52,11 @@ class SkipPolicy(nn.Module):
     Exactly one of ``num_retained`` (N_r, fixed) or ``retain_ratio`` (N_r = round(N * ratio), at least 1) sets the
     size of R, so every image of a batch gets the same N_r. Subclasses implement ``select``.
     ``uses_cls_scores`` tells the caller whether to ask the encoder for [CLS] attention scores at all.
+    ``skips`` is False for the full model's policy.
     """
 
     uses_cls_scores: bool = False
+    skips: bool = True  # False only for the full model's policy (nothing merged, skipped or summarised)
 
     def __init__(self, num_retained: int | None = None, retain_ratio: float | None = None) -> None:
         super().__init__()
@@ -90,3 +92,7 @@ class SkipPolicy(nn.Module):
     def select(self, features: torch.Tensor, cls_scores: torch.Tensor | None, num_retained: int) -> TokenSplit:
         """Pick ``num_retained`` tokens of ``features`` [B, N, D]; the sizes are already validated."""
         raise NotImplementedError
+
+    def weight_retained(self, features: torch.Tensor, split: TokenSplit) -> torch.Tensor:
+        """Hook for learned policies to put a gradient path through their scores; identity by default."""
+        return features

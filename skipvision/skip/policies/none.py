@@ -12,6 +12,8 @@ from skipvision.skip.policies.base import SkipPolicy, TokenSplit
 class NoSkip(SkipPolicy):
     """Retains all N tokens; the candidates are empty ([B, 0]), so nothing is merged or skipped."""
 
+    skips = False
+
     def __init__(self) -> None:
         super().__init__(retain_ratio=1.0)
 

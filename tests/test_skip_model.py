@@ -1,0 +1,117 @@
+"""The VLM with Skip-Vision on: slot layout [R][s_R][S][s_S], the Skip-FFN plan, losses, decoding and a CLI fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from skipvision.compressors.token_merge import merge_tokens
+from skipvision.data.tokenizer import load_tokenizer
+from skipvision.model import ImageTokenMismatchError, VisionLanguageModel
+from skipvision.registry import BACKBONES, ENCODERS
+from skipvision.skip.ffn import decoder_layers
+
+from .test_fit import _fit
+from .test_model import make_batch
+
+N_R, N_S = 4, 4  # of the tiny ViT's 16 tokens: 12 candidates merged to 4
+SKIP = {"policy": {"name": "attention_score", "num_retained": N_R}, "compressor": "token_merge", "num_skipped": N_S}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_shapes: Path):
+    return load_tokenizer(tiny_shapes / "tokenizer")
+
+
+def build(tokenizer, skip: dict | None = SKIP) -> VisionLanguageModel:
+    torch.manual_seed(0)
+    backbone = BACKBONES.tiny_spec("hf_causal_lm")
+    encoder = ENCODERS.tiny_spec("timm")
+    return VisionLanguageModel.from_specs(encoder, "mlp2x_gelu", backbone, tokenizer, skip=skip).eval()
+
+
+def test_slot_count_and_layout_follow_method_section_2(tokenizer) -> None:
+    model = build(tokenizer)
+    assert model.num_image_tokens == N_R + 1 + N_S + 1
+    batch = make_batch(tokenizer, model)
+    assert (batch["input_ids"] == model.image_token_id).sum(-1).tolist() == [10, 20, 0]
+    px = batch["pixel_values"]
+    with torch.no_grad():
+        embedded = model.embed(batch["input_ids"], px, batch["num_images"])
+        feats, cls = model.encoder.forward_with_cls_attention(px)
+        proj = model.projector(feats)  # [3, 16, D]
+        keep = cls.topk(N_R, dim=1).indices.sort(dim=1).values  # the paper's rule, raster order
+        drop = torch.stack([torch.tensor([i for i in range(16) if i not in row]) for row in keep.tolist()])
+        kept = torch.stack([proj[m, keep[m]] for m in range(3)])
+        merged = merge_tokens(torch.stack([proj[m, drop[m]] for m in range(3)]), N_S)
+        pool = model.visual.summary
+        want = torch.cat([kept, pool(kept)[:, None], merged, pool(merged)[:, None]], dim=1)  # [3, 10, D]
+    slots = batch["input_ids"] == model.image_token_id
+    torch.testing.assert_close(embedded.embeds[slots], want.reshape(-1, want.shape[-1]))
+    skipped = slots & ~embedded.ffn_mask
+    assert skipped.sum(-1).tolist() == [N_S, 2 * N_S, 0]
+    first = slots[0].nonzero().flatten()
+    assert skipped[0].nonzero().flatten().tolist() == first[N_R + 1 : N_R + 1 + N_S].tolist()
+
+
+def test_mlps_see_only_the_non_skipped_rows(tokenizer) -> None:
+    model = build(tokenizer)
+    batch = make_batch(tokenizer, model)
+    rows: list[int] = []
+    hooks = [
+        layer.mlp.gate_proj.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[:-1].numel()))
+        for layer in decoder_layers(model.backbone)
+    ]
+    with torch.no_grad():
+        model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["num_images"])
+    for h in hooks:
+        h.remove()
+    total = batch["input_ids"].numel()
+    assert rows == [total - 3 * N_S] * len(hooks)  # 3 images, N_S skipped slots each, in every layer
+
+
+def test_full_model_policy_attaches_nothing_and_keeps_every_token(tokenizer) -> None:
+    model = build(tokenizer, skip=None)
+    assert model.skip_ffn is None and model.num_image_tokens == 16
+    assert "forward" not in decoder_layers(model.backbone)[0].mlp.__dict__
+    assert build(tokenizer, skip={"policy": "none"}).num_image_tokens == 16
+
+
+def test_summary_ablation_and_no_merge(tokenizer) -> None:
+    assert build(tokenizer, {**SKIP, "summary_tokens": False}).num_image_tokens == N_R + N_S
+    assert build(tokenizer, {"policy": {"name": "uniform", "num_retained": N_R}}).num_image_tokens == 16 + 2
+    with pytest.raises(ValueError, match="num_skipped \\(N_s\\) must be between 1 and the 12 skip candidates"):
+        build(tokenizer, {**SKIP, "num_skipped": 13})
+
+
+def test_router_aux_loss_is_part_of_the_loss(tokenizer) -> None:
+    model = build(tokenizer, {**SKIP, "policy": {"name": "router", "num_retained": N_R}})
+    batch = make_batch(tokenizer, model)
+    out = model(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["num_images"], batch["labels"]
+    )
+    assert out.aux_loss is not None and float(out.aux_loss) > 0
+    out.loss.backward()
+    assert model.visual.policy.scorer[1].weight.grad.abs().sum() > 0
+
+
+def test_placeholder_expansion_must_match_the_skip_layout(tokenizer) -> None:
+    model = build(tokenizer)
+    full = build(tokenizer, skip=None)
+    batch = make_batch(tokenizer, full)  # expanded for 16 slots per image, the model fills 10
+    with pytest.raises(ImageTokenMismatchError, match="sample 0 has 16 image-token slots but 1 image\\(s\\) x 10"):
+        model.embed(batch["input_ids"], batch["pixel_values"], batch["num_images"])
+
+
+def test_cli_fit_with_skip_vision(tiny_overrides: list[str], tmp_path: Path) -> None:
+    skip = [
+        "model.skip.policy={name: attention_score, num_retained: 4}",
+        "model.skip.num_skipped=4",
+    ]
+    assert _fit([*tiny_overrides, *skip]) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert ckpt["hyper_parameters"]["recipe"]["model"]["skip"]["num_skipped"] == 4
+    assert any(k.startswith("model.visual.summary.") for k in ckpt["state_dict"])
