@@ -2,9 +2,10 @@
 LM with Skip-FFN -> loss.
 
 ARCHITECTURE.md "Data flow", steps 2-3; METHOD.md section 2 (visual token pipeline: policy split, merge, summaries)
-and section 3 (Skip-FFN on the skipped slots). No Lightning here: inference and unit tests use this module
-directly. The backbone is an unmodified transformers model, called with ``inputs_embeds`` and explicit
-``position_ids``; with the ``none`` policy its logits equal the plain HF model's on the same embeddings.
+and section 3 (Skip-FFN on the skipped slots; the text -> skipped masking ablation). No Lightning here: inference
+and unit tests use this module directly. The backbone is an unmodified transformers model, called with
+``inputs_embeds`` and explicit ``position_ids``; with the ``none`` policy its logits equal the plain HF model's on the
+same embeddings.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from skipvision.data.chat import IGNORE_INDEX
 from skipvision.encoders.base import VisionEncoder
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS
 from skipvision.skip.ffn import SkipFFN
+from skipvision.skip.masking import text_to_skipped_mask
 from skipvision.skip.visual import SkipVisionTokens, VisualTokens
 
 
@@ -41,6 +43,7 @@ class Embedded:
     embeds: torch.Tensor  # [B, T, D] text embeddings with the visual slots filled
     ffn_mask: torch.Tensor | None = None  # [B, T] bool, False at skipped slots; None: every token runs the FFN
     aux_loss: torch.Tensor | None = None
+    visual_slots: torch.Tensor | None = None  # [B, T] bool, True at every image slot (R, s_R, S, s_S)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -68,6 +71,7 @@ class VisionLanguageModel(nn.Module):
         image_token_id: int,
         visual: SkipVisionTokens | None = None,
         skip_layers: list[int] | None = None,
+        mask_text_to_skipped: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -77,6 +81,7 @@ class VisionLanguageModel(nn.Module):
         dim = backbone.config.hidden_size
         self.visual = visual or SkipVisionTokens(encoder.num_tokens, dim)
         self.skip_ffn = SkipFFN(backbone, skip_layers).attach() if self.visual.skips else None
+        self.mask_text_to_skipped = mask_text_to_skipped  # ablation, training only (see run_backbone)
 
     @classmethod
     def from_specs(
@@ -91,7 +96,8 @@ class VisionLanguageModel(nn.Module):
         """Build every part from registry specs; sizes and the vocabulary are wired from the tokenizer.
 
         ``skip``: ``policy``, ``compressor``, ``num_skipped`` (N_s), ``summary_tokens``, ``layers`` (Skip-FFN
-        schedule; None = every layer). Omitted: the full model.
+        schedule; None = every layer), ``mask_text_to_skipped`` (masking ablation, see :meth:`run_backbone`).
+        Omitted: the full model.
         """
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if image_token_id is None or image_token_id == tokenizer.unk_token_id:
@@ -102,8 +108,9 @@ class VisionLanguageModel(nn.Module):
         proj = PROJECTORS.build(projector, in_dim=enc.out_dim, out_dim=dim)
         skip = dict(skip or {})
         layers = skip.pop("layers", None)
+        mask_text = bool(skip.pop("mask_text_to_skipped", False))
         visual = SkipVisionTokens(num_tokens=enc.num_tokens, dim=dim, **skip) if skip else None
-        return cls(enc, proj, llm, image_token_id, visual, layers)
+        return cls(enc, proj, llm, image_token_id, visual, layers, mask_text)
 
     @property
     def num_image_tokens(self) -> int:
@@ -144,7 +151,7 @@ class VisionLanguageModel(nn.Module):
         if not bool(visual.ffn.all()):
             ffn_mask = torch.ones_like(slots)  # [B, T]
             ffn_mask[slots] = visual.ffn.repeat(n_images)  # slots fill row-major, image after image
-        return Embedded(embeds, ffn_mask, visual.aux_loss)
+        return Embedded(embeds, ffn_mask, visual.aux_loss, slots)
 
     def run_backbone(
         self,
@@ -153,9 +160,27 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor,
         cache: Any = None,
     ) -> Any:
-        """The backbone over the full sequence with the Skip-FFN plan of ``embedded`` (training and prefill)."""
+        """The backbone over the full sequence with the Skip-FFN plan of ``embedded`` (training and prefill).
+
+        With ``mask_text_to_skipped`` (METHOD.md section 3 ablation, off by default) and in training mode only, text
+        tokens do not attend to the skipped slots S, imitating the inference-time removal of their K/V (section 4);
+        visual slots still attend causally to everything. Eval mode (validation, prefill) keeps the paper's final
+        choice: text attends to S.
+        """
         if self.skip_ffn is not None:
             self.skip_ffn.set_plan(embedded.ffn_mask)
+        if self.training and self.mask_text_to_skipped and embedded.ffn_mask is not None:
+            if embedded.visual_slots is None:
+                raise ValueError("mask_text_to_skipped needs Embedded.visual_slots (set by embed())")
+            attention_mask = text_to_skipped_mask(
+                self.backbone.config,
+                embedded.embeds,
+                attention_mask,
+                position_ids,
+                embedded.ffn_mask,
+                embedded.visual_slots,
+                cache,
+            )  # [B, 1, T, T] in the attention implementation's format
         return self.backbone(
             inputs_embeds=embedded.embeds,
             attention_mask=attention_mask,

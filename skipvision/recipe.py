@@ -66,6 +66,7 @@ class SkipConfig:
     num_skipped: int | None = None  # N_s, the merged size of the skipped group; None: no merge
     summary_tokens: bool = True  # s_R and s_S
     layers: list[int] | None = None  # decoder layers that skip the FFN; None: all
+    mask_text_to_skipped: bool = False  # ablation: text cannot attend to S in training (METHOD.md s. 3)
 
 
 @dataclass
