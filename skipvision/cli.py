@@ -1,6 +1,6 @@
 """``python -m skipvision <command>``: thin argument parsing over the library (ARCHITECTURE.md layout).
 
-Commands: fit, validate, data, list, print-recipe. Expected failures (bad recipe keys, unknown registry names,
+Commands: fit, validate, data, list, print-recipe, flops. Expected failures (bad recipe keys, unknown registry names,
 missing files, bad data) print one clear line and exit with status 2, without a traceback.
 """
 
@@ -34,6 +34,14 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
 
 
+def _count(text: str) -> int:
+    """A non-negative int command-line value."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skipvision", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +51,10 @@ def make_parser() -> argparse.ArgumentParser:
     _add_recipe_args(val)
     val.add_argument("--checkpoint", required=True, help="a .ckpt file written by fit")
     _add_recipe_args(sub.add_parser("print-recipe", help="print the resolved recipe"))
+
+    flops = sub.add_parser("flops", help="LLM prefill FLOPs of the paper's settings, full model vs Skip-Vision")
+    flops.add_argument("--text-tokens", type=_count, default=40, help="prompt text tokens per sample besides the image")
+    flops.add_argument("--causal", action="store_true", help="count only the causal half of the attention scores")
 
     lst = sub.add_parser("list", help="registered components and presets")
     lst.add_argument("kind", nargs="?", choices=sorted(REGISTRIES), help="only this kind")
@@ -83,6 +95,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
         cmd_list(args.kind, console)
     elif args.command == "print-recipe":
         print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    elif args.command == "flops":
+        from skipvision.paper import flops_table, paper_flops
+
+        console.print(flops_table(paper_flops(args.text_tokens, causal=args.causal)))
     elif args.command == "data":
         from skipvision.data.shapes import generate_shapes
 

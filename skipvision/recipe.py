@@ -71,9 +71,9 @@ class SkipConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: Any = field(default_factory=lambda: {"name": "timm", "model_name": "vit_tiny_patch16_224"})
+    encoder: Any = None  # required: a spec, a registered name or a preset (see `skipvision list encoder`)
     projector: Any = "mlp2x_gelu"
-    backbone: Any = field(default_factory=lambda: {"name": "hf_causal_lm", "config": {"model_type": "llama"}})
+    backbone: Any = None  # required, like encoder
     skip: SkipConfig = field(default_factory=SkipConfig)
 
 
@@ -217,6 +217,9 @@ def build_recipe(tree: dict[str, Any], overrides: list[str] | None = None) -> Di
     except OmegaConfBaseException as err:
         raise RecipeError(f"Invalid recipe value: {err}") from err
     _check_choices(cfg)
+    for key in ("model.encoder", "model.backbone"):
+        if OmegaConf.select(cfg, key) is None:
+            raise RecipeError(f"Recipe key '{key}' is required (a component spec, a registered name or a preset)")
     return cfg  # type: ignore[return-value]
 
 

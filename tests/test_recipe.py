@@ -87,3 +87,13 @@ def test_cli_reports_recipe_errors_without_traceback(capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("skipvision print-recipe: error: Unknown recipe key 'optim.lrr'")
     assert "Traceback" not in err
+
+
+def test_inline_component_specs_do_not_inherit_schema_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  encoder: vit-shapes-tiny\n  backbone: {name: hf_causal_lm, path: /models/llm}\n")
+    cfg = load_recipe(path)
+    assert dict(cfg.model.backbone) == {"name": "hf_causal_lm", "path": "/models/llm"}
+    path.write_text("model:\n  encoder: vit-shapes-tiny\n")
+    with pytest.raises(RecipeError, match="Recipe key 'model.backbone' is required"):
+        load_recipe(path)
