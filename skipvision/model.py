@@ -10,7 +10,7 @@ same embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,14 +72,16 @@ class VisionLanguageModel(nn.Module):
         visual: SkipVisionTokens | None = None,
         skip_layers: list[int] | None = None,
         mask_text_to_skipped: bool = False,
+        tiles: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.projector = projector
         self.backbone = backbone
         self.image_token_id = image_token_id
+        self.tiles = None if tiles is None else (int(tiles[0]), int(tiles[1]))
         dim = backbone.config.hidden_size
-        self.visual = visual or SkipVisionTokens(encoder.num_tokens, dim)
+        self.visual = visual or SkipVisionTokens(self.visual_tokens_per_image(encoder, self.tiles), dim)
         self.skip_ffn = SkipFFN(backbone, skip_layers).attach() if self.visual.skips else None
         self.mask_text_to_skipped = mask_text_to_skipped  # ablation, training only (see run_backbone)
 
@@ -92,8 +94,12 @@ class VisionLanguageModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         image_token: str = "<image>",
         skip: Mapping[str, Any] | None = None,
+        tiles: Sequence[int] | None = None,
     ) -> VisionLanguageModel:
         """Build every part from registry specs; sizes and the vocabulary are wired from the tokenizer.
+
+        ``tiles`` ([rows, cols]): every image is a thumbnail plus rows x cols high-resolution tiles (LLaVA-HD,
+        see skipvision/data/views.py); their tokens are concatenated, the thumbnail's first.
 
         ``skip``: ``policy``, ``compressor``, ``num_skipped`` (N_s), ``summary_tokens``, ``layers`` (Skip-FFN
         schedule; None = every layer), ``mask_text_to_skipped`` (masking ablation, see :meth:`run_backbone`).
@@ -109,8 +115,15 @@ class VisionLanguageModel(nn.Module):
         skip = dict(skip or {})
         layers = skip.pop("layers", None)
         mask_text = bool(skip.pop("mask_text_to_skipped", False))
-        visual = SkipVisionTokens(num_tokens=enc.num_tokens, dim=dim, **skip) if skip else None
-        return cls(enc, proj, llm, image_token_id, visual, layers, mask_text)
+        grid = None if tiles is None else (int(tiles[0]), int(tiles[1]))
+        num_tokens = cls.visual_tokens_per_image(enc, grid)
+        visual = SkipVisionTokens(num_tokens=num_tokens, dim=dim, **skip) if skip else None
+        return cls(enc, proj, llm, image_token_id, visual, layers, mask_text, grid)
+
+    @staticmethod
+    def visual_tokens_per_image(encoder: VisionEncoder, tiles: tuple[int, int] | None) -> int:
+        """N: the encoder's tokens per view times the views per image (1, or thumbnail + tiles)."""
+        return encoder.num_tokens * (1 if tiles is None else 1 + tiles[0] * tiles[1])
 
     @property
     def num_image_tokens(self) -> int:
@@ -118,11 +131,17 @@ class VisionLanguageModel(nn.Module):
         return self.visual.num_slots
 
     def image_features(self, pixel_values: torch.Tensor) -> VisualTokens:
-        """[M, 3, H, W] -> the slot tokens [M, K, D] in the LLM's embedding space and which slots run the FFN."""
+        """[M, 3, H, W] (or [M, V, 3, H, W] with views) -> the slot tokens [M, K, D] in the LLM's embedding space
+        and which slots run the FFN."""
+        images = pixel_values.shape[0]
+        views = pixel_values.flatten(0, -4)  # [M*V, 3, H, W]
         if self.visual.policy.uses_cls_scores:
-            feats, cls_scores = self.encoder.forward_with_cls_attention(pixel_values)  # [M, N, C], [M, N]
+            feats, cls_scores = self.encoder.forward_with_cls_attention(views)  # [M*V, n, C], [M*V, n]
         else:
-            feats, cls_scores = self.encoder(pixel_values), None
+            feats, cls_scores = self.encoder(views), None
+        feats = feats.reshape(images, -1, feats.shape[-1])  # [M, N, C], thumbnail view first
+        if cls_scores is not None:
+            cls_scores = cls_scores.reshape(images, -1)  # [M, N]
         return self.visual(self.projector(feats), cls_scores)  # tokens [M, K, D]
 
     def embed(

@@ -1,11 +1,12 @@
 """The paper's settings at full size: token counts, meta-device builds and LLM prefill FLOPs next to the paper's.
 
 METHOD.md section 2 gives each setting's token pipeline, section 5 the paper's efficiency claims. Here every setting
-with a recipe (``recipes/paper-llava.yaml``, ``recipes/paper-llava15-7b.yaml``) is built for real from that recipe,
+with a recipe (``recipes/paper-llava.yaml``, ``recipes/paper-llava15-7b.yaml``, ``recipes/paper-llava-hd.yaml``:
+thumbnail + 2 x 2 tiles) is built for real from that recipe,
 on the meta device (shapes only: no weights, no memory, no download), with the checkpoint specs swapped for the
 same-shape config presets (``clip-vit-l-336-config``, ``llama3-8b-config``, ``vicuna-7b-config``). Its token plan
 (N, N_r, N_s, summaries) is read off the built model and the LLM's dimensions off the built backbone's config.
-Settings without a recipe (LLaVA-HD, Chain-of-Sight) take their token counts from METHOD.md section 2 and the
+Settings without a recipe (Chain-of-Sight) take their token counts from METHOD.md section 2 and the
 LLaMA3-8B shape from its config preset: "analytic from token counts", nothing is built.
 
 FLOPs of one sample's prefill (:func:`prefill_flops`), analytic with :mod:`skipvision.flops` (matmuls only):
@@ -13,7 +14,8 @@ FLOPs of one sample's prefill (:func:`prefill_flops`), analytic with :mod:`skipv
 token, Skip-Vision has N_r + N_s + 2 slots and runs the FFN on all but the N_s skipped ones. Logits are computed for
 the last token only (the prefill's output is the first answer token), and the attention-score term counts the full
 T x T square as fused kernels do (``causal=True``: only the causal half). The vision encoder and projector run the
-same in both models; :func:`vision_flops` measures them on the meta device with FlopCounterMode, one image.
+same in both models; :func:`vision_flops` measures them on the meta device with FlopCounterMode, one image (all
+its views).
 
 Against the paper (``python -m skipvision flops``, 40 text tokens): LLaVA 27.8% vs the paper's 25%, Chain-of-Sight
 26.8% vs 25%, LLaVA-HD 24.1% vs 50%. The share depends on the prompt length (the text runs the FFN in both models):
@@ -125,7 +127,13 @@ SETTINGS: tuple[PaperSetting, ...] = (
         meta_overrides=(_CLIP_L, "model.backbone=vicuna-7b-config"),
     ),
     # Thumbnail view (576 tokens) retained; the 4 high-resolution tiles (4 x 576 = 2304 tokens) merged to 576.
-    PaperSetting("llava-hd", "LLaVA-HD (LLaMA3-8B)", 0.50, plan=TokenPlan(576 + 2304, 576, 576)),
+    PaperSetting(
+        "llava-hd",
+        "LLaVA-HD (LLaMA3-8B)",
+        0.50,
+        recipe="paper-llava-hd",
+        meta_overrides=(_CLIP_L, "model.backbone=llama3-8b-config"),
+    ),
     # Coarse multi-scale tokens (272) retained; the finest scale (1024 tokens) merged to 256.
     PaperSetting("cos", "Chain-of-Sight (LLaMA3-8B)", 0.25, plan=TokenPlan(272 + 1024, 272, 256)),
 )
@@ -159,7 +167,13 @@ def build_meta_model(recipe: str, overrides: Sequence[str] = ()) -> VisionLangua
     tokenizer = counting_tokenizer()
     with torch.device("meta"):
         return VisionLanguageModel.from_specs(
-            cfg.model.encoder, cfg.model.projector, cfg.model.backbone, tokenizer, IMAGE_TOKEN, skip=skip
+            cfg.model.encoder,
+            cfg.model.projector,
+            cfg.model.backbone,
+            tokenizer,
+            IMAGE_TOKEN,
+            skip=skip,
+            tiles=cfg.model.tiles,
         )
 
 
@@ -179,9 +193,11 @@ def prefill_flops(shape: LLMShape, plan: TokenPlan, text_tokens: int, skip: bool
 
 @torch.no_grad()
 def vision_flops(model: VisionLanguageModel) -> int:
-    """Encoder + projector FLOPs of one image, measured with FlopCounterMode on the (meta) model's own device."""
+    """Encoder + projector FLOPs of one image (all its views), measured with FlopCounterMode on the (meta)
+    model's own device."""
     device = next(model.encoder.parameters()).device
-    pixels = torch.zeros(1, 3, *model.encoder.image_size, device=device)  # [1, 3, H, W]
+    views = 1 if model.tiles is None else 1 + model.tiles[0] * model.tiles[1]
+    pixels = torch.zeros(views, 3, *model.encoder.image_size, device=device)  # [V, 3, H, W]
     return measured_flops(lambda: model.projector(model.encoder(pixels)))
 
 

@@ -74,6 +74,7 @@ class ModelConfig:
     encoder: Any = None  # required: a spec, a registered name or a preset (see `skipvision list encoder`)
     projector: Any = "mlp2x_gelu"
     backbone: Any = None  # required, like encoder
+    tiles: list[int] | None = None  # [rows, cols]: LLaVA-HD views, a thumbnail plus rows x cols high-res tiles
     skip: SkipConfig = field(default_factory=SkipConfig)
 
 

@@ -12,8 +12,9 @@ import webdataset as wds
 from PIL import Image
 
 from skipvision.data.chat import IGNORE_INDEX, ConversationError, encode_conversation, encode_prompt
-from skipvision.data.pipeline import DataError, SampleEncoder, build_pipeline, expand_shards, image_transform
+from skipvision.data.pipeline import DataError, SampleEncoder, build_pipeline, expand_shards
 from skipvision.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from skipvision.data.views import image_transform
 
 N_SLOTS = 5
 

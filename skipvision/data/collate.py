@@ -5,7 +5,8 @@ A batch holds (B samples, M images in total, T tokens, P prompt tokens)::
     input_ids      [B, T]  right-padded with the pad id
     labels         [B, T]  -100 on prompt, image slots and padding
     attention_mask [B, T]
-    pixel_values   [M, 3, H, W] images of all samples in sample order (absent when M == 0)
+    pixel_values   [M, 3, H, W] images of all samples in sample order (absent when M == 0);
+                   [M, V, 3, H, W] with V views per image (thumbnail + tiles)
     num_images     [B]     images per sample, so the model can check every sample's slot count
     prompt_ids     [B, P]  left-padded generation prompts (validation only), with prompt_mask [B, P]
     answers, qtypes, keys  lists of strings
@@ -49,7 +50,7 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int, data_errors: int = 0
     }
     images = [img for s in samples for img in s["images"]]
     if images:
-        batch["pixel_values"] = torch.stack(images)  # [M, 3, H, W]
+        batch["pixel_values"] = torch.stack(images)  # [M, 3, H, W] or [M, V, 3, H, W]
     if "prompt_ids" in samples[0]:
         prompts = [s["prompt_ids"] for s in samples]
         batch["prompt_ids"] = pad_sequences(prompts, pad_id, left=True)  # [B, P]

@@ -16,7 +16,7 @@ import glob
 import io
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ import braceexpand
 import torch
 import webdataset as wds
 from PIL import Image
-from torchvision.transforms import v2
 from transformers import PreTrainedTokenizerBase
 
 from skipvision.data.chat import encode_conversation
@@ -62,18 +61,6 @@ class ErrorPolicy:
         return new
 
 
-def image_transform(image_size: tuple[int, int], mean: Iterable[float], std: Iterable[float]) -> v2.Compose:
-    """PIL image -> normalised float tensor [3, H, W] at the encoder's input size."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(list(image_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
-
-
 class SampleEncoder:
     """Raw WebDataset sample (``json`` + image fields) -> tokenised sample with image tensors.
 
@@ -86,7 +73,7 @@ class SampleEncoder:
         tokenizer: PreTrainedTokenizerBase,
         image_token_id: int,
         num_image_tokens: int,
-        transform: v2.Compose,
+        transform: Callable[[Image.Image], torch.Tensor],
         max_length: int,
         with_prompt: bool = False,
     ) -> None:

@@ -9,8 +9,9 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from skipvision.data.pipeline import SampleEncoder, build_pipeline, expand_shards, image_transform
+from skipvision.data.pipeline import SampleEncoder, build_pipeline, expand_shards
 from skipvision.data.tokenizer import IMAGE_TOKEN
+from skipvision.data.views import image_views
 from skipvision.encoders.base import VisionEncoder
 
 
@@ -24,11 +25,12 @@ class WebDataModule(L.LightningDataModule):
         encoder: VisionEncoder,
         num_image_tokens: int,
         seed: int = 0,
+        tiles: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = data
         self.tokenizer = tokenizer
-        self.transform = image_transform(encoder.image_size, encoder.mean, encoder.std)
+        self.transform = image_views(encoder.image_size, encoder.mean, encoder.std, tiles)
         self.num_image_tokens = num_image_tokens
         self.seed = seed
 

@@ -38,7 +38,7 @@ class VLMLitModule(L.LightningModule):
         m = self.cfg.model
         skip = OmegaConf.to_container(m.skip, resolve=True)
         self.model = VisionLanguageModel.from_specs(
-            m.encoder, m.projector, m.backbone, self.tokenizer, IMAGE_TOKEN, skip=skip
+            m.encoder, m.projector, m.backbone, self.tokenizer, IMAGE_TOKEN, skip=skip, tiles=m.tiles
         )
         for part in COMPONENTS:
             if self.cfg.optim[f"freeze_{part}"]:

@@ -141,9 +141,8 @@ def build(cfg: DictConfig) -> tuple[VLMLitModule, WebDataModule, Path]:
         save_recipe(cfg, run_dir / "recipe.yaml")
     recipe: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     module = VLMLitModule(recipe, str(tokenizer_dir))
-    datamodule = WebDataModule(
-        cfg.data, module.tokenizer, module.model.encoder, module.model.num_image_tokens, cfg.seed
-    )
+    model = module.model
+    datamodule = WebDataModule(cfg.data, module.tokenizer, model.encoder, model.num_image_tokens, cfg.seed, model.tiles)
     return module, datamodule, run_dir
 
 
