@@ -11,12 +11,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from transformers import AutoConfig, PretrainedConfig
 
+from skipvision.backbones.hf_causal_lm import TINY_LLAMA
 from skipvision.data.shapes import generate_shapes
 
 torch.set_num_threads(2)
 TESTS = Path(__file__).resolve().parent
 TINY_RECIPE = TESTS / "recipes" / "tiny.yaml"
+TINY_VOCAB = 97
+
+
+def tiny_lm_config(model_type: str = "llama", **overrides: object) -> PretrainedConfig:
+    """The registry's tiny backbone config (d=64, f=176, 2 layers, 4 heads, 2 kv heads) of ``model_type``, with a
+    97-token vocabulary; ``overrides`` replace single fields."""
+    return AutoConfig.for_model(
+        **{**TINY_LLAMA["config"], "model_type": model_type, "vocab_size": TINY_VOCAB, **overrides}
+    )
 
 
 @pytest.fixture(scope="session")

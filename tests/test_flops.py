@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils import flop_counter as torch_flop_counter
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from skipvision.flops import (
     CPU_SDPA_FLOP_FORMULAS,
@@ -23,22 +23,15 @@ from skipvision.flops import (
 )
 from skipvision.skip.ffn import SkipFFN
 
+from .conftest import tiny_lm_config
+
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 B, T = 2, 48
 
 
 def tiny_config(model_type: str = "llama") -> object:
     """A 2-layer GQA config (d=64, f=176, 4 heads, 2 kv heads, V=97)."""
-    return AutoConfig.for_model(
-        model_type,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=256,
-    )
+    return tiny_lm_config(model_type)
 
 
 def new_lm(model_type: str = "llama", attn: str = "sdpa") -> nn.Module:

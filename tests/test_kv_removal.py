@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from skipvision.inference.kv import drop_cache_positions, kv_cache_bytes, prune_mask
 from skipvision.model import positions_from_mask
+
+from .conftest import tiny_lm_config
 
 PAD = 0
 STEPS = 3
 
 
 def _config(attn: str):
-    cfg = AutoConfig.for_model(
-        "llama",
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=128,
-    )
+    cfg = tiny_lm_config("llama")
     cfg._attn_implementation = attn
     return cfg
 

@@ -12,10 +12,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from skipvision.skip.ffn import SkipFFN, decoder_layers
+
+from .conftest import tiny_lm_config
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 B, T = 2, 12
@@ -24,16 +26,7 @@ B, T = 2, 12
 def tiny_lm(model_type: str = "llama", attn: str = "sdpa", layers: int = 2) -> nn.Module:
     """A tiny random causal LM of ``model_type`` in eval mode (fp32, fixed seed)."""
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model(
-        model_type,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=128,
-    )
+    cfg = tiny_lm_config(model_type, num_hidden_layers=layers)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
