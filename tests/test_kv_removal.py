@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from skipvision.inference.kv import drop_cache_positions, kv_cache_bytes, prune_mask
+from skipvision.inference.kv import Removal, drop_cache_positions, kv_cache_bytes, prune_mask
 from skipvision.model import positions_from_mask
 
 from .conftest import tiny_lm_config
@@ -59,8 +59,9 @@ def _decode(model, ids, mask, keep, compact_positions: bool = False):
     Returns the generated tokens [B, STEPS] (the first from prefill) and the decode-step logits [B, STEPS, V]."""
     logits, cache = _prefill(model, ids, mask)
     true_next = positions_from_mask(mask)[:, -1:] + 1  # [B, 1]: the prompt's real length
-    drop_cache_positions(cache, keep)
-    mask = prune_mask(mask, keep)  # [B, P - n_drop]
+    removal = Removal.plan(keep)
+    drop_cache_positions(cache, removal)
+    mask = prune_mask(mask, removal)  # [B, P - n_drop]
     # The pitfall: positions derived from the pruned mask's cumsum (or the pruned cache length) are compacted.
     next_pos = mask.sum(-1, keepdim=True) if compact_positions else true_next  # [B, 1]
     tokens, step_logits = [], []
@@ -104,7 +105,7 @@ def test_drop_shrinks_cache_and_keeps_entries(models, batch):
     before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
     bytes_before = kv_cache_bytes(cache)
     n_drop = int((~keep[0]).sum())
-    drop_cache_positions(cache, keep)
+    drop_cache_positions(cache, Removal.plan(keep))
     for (keys, values), layer in zip(before, cache.layers, strict=True):
         b, h, t, hd = keys.shape
         assert layer.keys.shape == (b, h, t - n_drop, hd)
@@ -114,7 +115,7 @@ def test_drop_shrinks_cache_and_keeps_entries(models, batch):
             assert torch.equal(layer.values[row], values[row][:, keep[row]])
     assert cache.get_seq_length() == ids.shape[1] - n_drop
     assert kv_cache_bytes(cache) * ids.shape[1] == bytes_before * (ids.shape[1] - n_drop)
-    pruned = prune_mask(mask, keep)
+    pruned = prune_mask(mask, Removal.plan(keep))
     assert pruned.tolist() == [mask[row][keep[row]].tolist() for row in range(2)]
 
 
@@ -138,13 +139,27 @@ def test_compacted_positions_are_wrong(models, batch):
     assert (step_logits - expected).abs().max().item() > 1e-3
 
 
-def test_unequal_drop_counts_raise(models, batch):
+def test_unequal_drop_counts_keep_masked_fillers(models, batch):
+    """Row 1 drops one more position than row 0: the cache keeps T - 3 positions, row 1's first dropped position
+    stays as a filler with mask 0, and decoding still matches the reference that hides all dropped positions."""
+    model, ref = models
+    ids, mask, keep = batch
+    ragged = keep.clone()
+    ragged[1, 0] = False  # row 0 drops 3, row 1 drops 4
+    removal = Removal.plan(ragged)
+    assert removal.width == ids.shape[1] - 3
+    assert removal.valid.sum(-1).tolist() == [ids.shape[1] - 3, ids.shape[1] - 4]
+    assert removal.index[1].tolist() == sorted(removal.index[1].tolist())  # original order kept
+    assert prune_mask(mask, removal)[1].tolist() == [0] + [1] * (ids.shape[1] - 4)
+    tokens, step_logits = _decode(model, ids, mask, ragged)
+    expected = _reference(ref, ids, mask, ragged, tokens)[:, ids.shape[1] :]
+    assert (step_logits - expected).abs().max().item() < 1e-4
+
+
+def test_plan_for_another_length_raises(models, batch):
     model, _ = models
     ids, mask, keep = batch
     _, cache = _prefill(model, ids, mask)
-    bad = keep.clone()
-    bad[1, 0] = False  # row 0 drops 3, row 1 drops 4
-    with pytest.raises(ValueError, match=r"\[3, 4\]"):
-        drop_cache_positions(cache, bad)
-    with pytest.raises(ValueError, match="same number"):
-        prune_mask(mask, bad)
+    with pytest.raises(ValueError, match=r"caches \[B=2, T=12\] but the removal plan is for \[B=2, T=11\]"):
+        drop_cache_positions(cache, Removal.plan(keep[:, 1:]))
+    assert cache.layers[0].keys.shape[2] == 12  # untouched
