@@ -1,7 +1,8 @@
 """``python -m skipvision <command>``: thin argument parsing over the library (ARCHITECTURE.md layout).
 
-Commands: fit, validate, data, list, print-recipe, flops. Expected failures (bad recipe keys, unknown registry names,
-missing files, bad data) print one clear line and exit with status 2, without a traceback.
+Commands: fit, validate, generate, data, list, print-recipe, flops. Expected failures (bad recipe keys, unknown
+registry names, missing files, bad data or requests) print one clear line and exit with status 2, without a
+traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from rich.table import Table
 
 from skipvision.data.chat import ConversationError
 from skipvision.data.pipeline import DataError
+from skipvision.inference import cli as generate_cli
+from skipvision.inference.generator import RequestError
 from skipvision.model import ImageTokenMismatchError
 from skipvision.recipe import RecipeError, load_recipe, to_yaml
 from skipvision.registry import REGISTRIES, RegistryError, load_entry_point_plugins, preset_names
@@ -24,6 +27,7 @@ USER_ERRORS = (
     DataError,
     ConversationError,
     ImageTokenMismatchError,
+    RequestError,
     FileNotFoundError,
     FileExistsError,
 )
@@ -50,6 +54,7 @@ def make_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="validation loss and answer accuracy of a checkpoint")
     _add_recipe_args(val)
     val.add_argument("--checkpoint", required=True, help="a .ckpt file written by fit")
+    generate_cli.add_parser(sub)
     _add_recipe_args(sub.add_parser("print-recipe", help="print the resolved recipe"))
 
     flops = sub.add_parser("flops", help="LLM prefill FLOPs of the paper's settings, full model vs Skip-Vision")
@@ -93,6 +98,8 @@ def cmd_list(kind: str | None, console: Console) -> None:
 def run(args: argparse.Namespace, console: Console) -> None:
     if args.command == "list":
         cmd_list(args.kind, console)
+    elif args.command == "generate":
+        generate_cli.run_generate(args)
     elif args.command == "print-recipe":
         print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
     elif args.command == "flops":

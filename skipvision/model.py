@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from skipvision.data.chat import IGNORE_INDEX
+from skipvision.data.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from skipvision.encoders.base import VisionEncoder
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS
 from skipvision.skip.ffn import SkipFFN
@@ -120,6 +120,19 @@ class VisionLanguageModel(nn.Module):
         visual = SkipVisionTokens(num_tokens=num_tokens, dim=dim, **skip) if skip else None
         return cls(enc, proj, llm, image_token_id, visual, layers, mask_text, grid)
 
+    @classmethod
+    def from_recipe(cls, model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> VisionLanguageModel:
+        """From a resolved recipe's ``model`` section (plain containers), as training and inference both build it."""
+        return cls.from_specs(
+            model_cfg["encoder"],
+            model_cfg["projector"],
+            model_cfg["backbone"],
+            tokenizer,
+            IMAGE_PLACEHOLDER,
+            skip=model_cfg.get("skip"),
+            tiles=model_cfg.get("tiles"),
+        )
+
     @staticmethod
     def visual_tokens_per_image(encoder: VisionEncoder, tiles: tuple[int, int] | None) -> int:
         """N: the encoder's tokens per view times the views per image (1, or thumbnail + tiles)."""
@@ -178,8 +191,11 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         cache: Any = None,
+        logits_to_keep: int = 0,
     ) -> Any:
         """The backbone over the full sequence with the Skip-FFN plan of ``embedded`` (training and prefill).
+
+        ``logits_to_keep`` 1 computes the LM head at the last position only (prefill); 0 at every position.
 
         With ``mask_text_to_skipped`` (METHOD.md section 3 ablation, off by default) and in training mode only, text
         tokens do not attend to the skipped slots S, imitating the inference-time removal of their K/V (section 4);
@@ -206,6 +222,7 @@ class VisionLanguageModel(nn.Module):
             position_ids=position_ids,
             cache=cache,
             use_cache=cache is not None,
+            logits_to_keep=logits_to_keep,
         )
 
     def _check_slots(self, slots: torch.Tensor, n_images: int, num_images: torch.Tensor | None) -> None:

@@ -122,6 +122,7 @@ class CheckpointConfig:
 class EvalConfig:
     max_new_tokens: int = 4
     generate: bool = True  # greedy-decode answers during validation for answer accuracy
+    drop_kv: bool = True  # decode with the skipped K/V removed after prefill (METHOD.md section 4); false to compare
 
 
 @dataclass

@@ -221,6 +221,24 @@ def test_detach_restores_the_model() -> None:
     assert not again.attached and "forward" not in decoder_layers(model)[0].mlp.__dict__
 
 
+def test_a_deep_copy_follows_its_own_plan_and_weights() -> None:
+    """EMA copies, benchmarks' variants: a copy's MLPs must use the copy's SkipFFN and weights, not the original's."""
+    model = tiny_lm()
+    skip = SkipFFN(model).attach()
+    ids, plan = input_ids(), image_plan()
+    with torch.no_grad():
+        skip.set_plan(plan)
+        want = model(input_ids=ids).logits
+        twin = copy.deepcopy((model, skip))
+        skip.set_plan(None)  # the original's plan no longer applies...
+        assert torch.equal(twin[0](input_ids=ids).logits, want)  # ...the copy keeps its own
+        for p in model.parameters():
+            p.add_(1.0)  # the copy's weights are its own
+        assert torch.equal(twin[0](input_ids=ids).logits, want)
+        twin[1].set_plan(None)
+        assert not torch.equal(twin[0](input_ids=ids).logits, want)
+
+
 def test_decode_step_runs_the_plain_mlp() -> None:
     model = tiny_lm()
     step = torch.tensor([[5], [7]])  # [B, 1]

@@ -2,7 +2,9 @@
 
 Per-component learning rates and freeze flags (encoder, projector, LLM), AdamW, linear warmup then cosine decay
 to ``lr * min_lr_ratio`` at ``trainer.max_steps``. Answer accuracy greedy-decodes each validation prompt's short
-answer and compares it with the reference (case and surrounding space ignored), per question type.
+answer through the inference loop (skipvision/inference/generate.py: KV removal after prefill unless
+``eval.drop_kv`` is false) and compares it with the reference (case and surrounding space ignored), per question
+type.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 
-from skipvision.data.tokenizer import IMAGE_TOKEN, load_tokenizer
-from skipvision.inference.greedy import greedy_generate
+from skipvision.data.tokenizer import load_tokenizer
+from skipvision.inference.generate import generate_tokens
+from skipvision.inference.sampling import GenerationConfig
 from skipvision.model import VisionLanguageModel
 
 COMPONENTS = ("encoder", "projector", "llm")
@@ -35,11 +38,9 @@ class VLMLitModule(L.LightningModule):
         self.save_hyperparameters()
         self.cfg: DictConfig = OmegaConf.create(recipe)
         self.tokenizer = load_tokenizer(tokenizer_path)
-        m = self.cfg.model
-        skip = OmegaConf.to_container(m.skip, resolve=True)
-        self.model = VisionLanguageModel.from_specs(
-            m.encoder, m.projector, m.backbone, self.tokenizer, IMAGE_TOKEN, skip=skip, tiles=m.tiles
-        )
+        model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
+        self.model = VisionLanguageModel.from_recipe(model_cfg, self.tokenizer)
+        self.generation = GenerationConfig(max_new_tokens=self.cfg.eval.max_new_tokens, drop_kv=self.cfg.eval.drop_kv)
         for part in COMPONENTS:
             if self.cfg.optim[f"freeze_{part}"]:
                 self.component(part).requires_grad_(False)
@@ -73,16 +74,17 @@ class VLMLitModule(L.LightningModule):
         self.val_loss.update(out.loss, weight=(batch["labels"] != -100).sum())
         if not self.cfg.eval.generate:
             return
-        generated = greedy_generate(
+        generations = generate_tokens(
             self.model,
             batch["prompt_ids"],
             batch["prompt_mask"],
             batch.get("pixel_values"),
             batch["num_images"],
-            self.cfg.eval.max_new_tokens,
+            self.generation,
             self.tokenizer.eos_token_id,
+            self.tokenizer,
         )
-        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        texts = [g.text for g in generations]
         for text, answer, qtype in zip(texts, batch["answers"], batch["qtypes"], strict=True):
             correct = float(normalise_answer(text) == normalise_answer(answer))
             for key in (qtype, "all"):

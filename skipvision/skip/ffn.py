@@ -10,7 +10,7 @@ names, ``state_dict`` keys and FSDP wrapping are untouched, and :meth:`SkipFFN.d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -90,7 +90,7 @@ class SkipFFN:
                 "(is another SkipFFN attached to this model?); detach it first"
             )
         for mlp in self._mlps:
-            mlp.forward = self._wrap(mlp.forward)
+            mlp.forward = PlannedForward(self, mlp)
         self._attached = True
         return self
 
@@ -110,19 +110,27 @@ class SkipFFN:
     ) -> None:
         self.detach()
 
-    def _wrap(self, original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """The override for one MLP: ``original`` (its bound class forward) on the kept rows, zeros elsewhere."""
 
-        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            keep = self._keep
-            if keep is None or tuple(x.shape[:-1]) != self._shape:
-                return original(x, *args, **kwargs)  # no plan, decode step or text-only call: plain MLP
-            b, t, d = x.shape
-            keep = keep.to(x.device)  # [n_keep]
-            flat = x.reshape(b * t, d)  # [B*T, D]
-            # Always called, even with n_keep == 0 ([1, 0, D]), so collectives match across ranks.
-            y = original(flat.index_select(0, keep).unsqueeze(0), *args, **kwargs).squeeze(0)  # [n_keep, D]
-            out = y.new_zeros(b * t, y.shape[-1]).index_copy(0, keep, y)  # [B*T, D]
-            return out.reshape(b, t, -1)  # [B, T, D]
+class PlannedForward:
+    """The instance-level ``forward`` of one hooked MLP: the class forward on the plan's kept rows, zeros elsewhere.
 
-        return forward
+    A callable object rather than a closure, so ``copy.deepcopy`` and pickling of the model carry it along: a copy's
+    MLPs then follow the copy's own SkipFFN plan and weights, never the original's.
+    """
+
+    def __init__(self, skip: SkipFFN, mlp: nn.Module) -> None:
+        self.skip = skip
+        self.mlp = mlp
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        original = type(self.mlp).forward
+        keep = self.skip._keep
+        if keep is None or tuple(x.shape[:-1]) != self.skip._shape:
+            return original(self.mlp, x, *args, **kwargs)  # no plan, decode step or text-only call: plain MLP
+        b, t, d = x.shape
+        keep = keep.to(x.device)  # [n_keep]
+        flat = x.reshape(b * t, d)  # [B*T, D]
+        # Always called, even with n_keep == 0 ([1, 0, D]), so collectives match across ranks.
+        y = original(self.mlp, flat.index_select(0, keep).unsqueeze(0), *args, **kwargs).squeeze(0)  # [n_keep, D]
+        out = y.new_zeros(b * t, y.shape[-1]).index_copy(0, keep, y)  # [B*T, D]
+        return out.reshape(b, t, -1)  # [B, T, D]
