@@ -36,7 +36,7 @@ def test_every_policy_builds_from_its_tiny_spec_and_partitions_the_tokens(name: 
     features, cls_scores = torch.randn(2, 6, 8), torch.rand(2, 6)
     for scores in (cls_scores, None):
         split = policy.split(features, scores)
-        assert_partition(split, 2, 6, 6 if name == "none" else 2)
+        assert_partition(split, 2, 6, 2 if policy.skips else 6)
 
 
 def test_uniform_spreads_the_retained_tokens_evenly() -> None:

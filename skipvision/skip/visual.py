@@ -3,7 +3,9 @@
 Per image: split the N projected tokens into retained R and candidates C (skip policy), merge C into S
 (compressor, N_s tokens), pool the summaries s_R = pool(R) and s_S = pool(S), and lay them out as
 ``[R][s_R][S][s_S]``. The FFN runs on R and both summaries; S takes part in attention only (Skip-FFN). With the
-``none`` policy every token is retained and the layout is the N tokens themselves (the full model).
+``none`` policy every token is retained and the layout is the N tokens themselves (the full model); with
+``merge_only`` (compression-only peer, METHOD.md section 6) the layout is the N tokens merged to ``merge_to``, all
+with FFN.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ class SkipVisionTokens(nn.Module):
         self.policy: SkipPolicy = SKIP_POLICIES.build(policy, optional={"dim": dim})
         self.compressor = COMPRESSORS.build(compressor)
         self.num_tokens = num_tokens
+        self.merge_to = self.policy.merge_to
+        if self.merge_to is not None and not 1 <= self.merge_to <= num_tokens:
+            raise ValueError(
+                f"{type(self.policy).__name__}: num_tokens (tokens kept per image) must be between 1 and the "
+                f"{num_tokens} visual tokens of an image; got {self.merge_to}"
+            )
         self.num_retained = self.policy.num_retained_for(num_tokens) if self.skips else num_tokens
         candidates = num_tokens - self.num_retained
         self.num_skipped = candidates if num_skipped is None else num_skipped
@@ -57,14 +65,14 @@ class SkipVisionTokens(nn.Module):
 
     @property
     def skips(self) -> bool:
-        """False for the ``none`` policy (every token retained)."""
+        """False for the full-compute peers' policies (``none``, ``merge_only``, ``fastv``): nothing skipped."""
         return self.policy.skips
 
     @property
     def num_slots(self) -> int:
-        """Slots one image fills in the LLM sequence: N_r + N_s (+ 2 summaries)."""
+        """Slots one image fills in the LLM sequence: N_r + N_s (+ 2 summaries); N or ``merge_to`` without skipping."""
         if not self.skips:
-            return self.num_tokens
+            return self.num_tokens if self.merge_to is None else self.merge_to
         return self.num_retained + self.num_skipped + (2 if self.summary is not None else 0)
 
     def slot_ffn(self, device: torch.device | None = None) -> torch.Tensor:
@@ -78,7 +86,8 @@ class SkipVisionTokens(nn.Module):
     def forward(self, feats: torch.Tensor, cls_scores: torch.Tensor | None) -> VisualTokens:
         """``feats`` [M, N, D] projected tokens (with the encoder's [CLS] scores [M, N] or None) -> slot tokens."""
         if not self.skips:
-            return VisualTokens(feats, self.slot_ffn(feats.device))
+            tokens = feats if self.merge_to is None else self.compressor(feats, self.merge_to)  # [M, K, D]
+            return VisualTokens(tokens, self.slot_ffn(feats.device))
         split = self.policy.split(feats, cls_scores)
         feats = self.policy.weight_retained(feats, split)  # [M, N, D]
         dim = feats.shape[-1]

@@ -1,6 +1,16 @@
 """Skip policies: split each image's visual tokens into retained R and skip candidates C (METHOD.md section 2)."""
 
-from skipvision.skip.policies import attention_score, none, prefix, router, uniform
+from skipvision.skip.policies import attention_score, fastv, merge_only, none, prefix, router, uniform
 from skipvision.skip.policies.base import SkipPolicy, TokenSplit
 
-__all__ = ["SkipPolicy", "TokenSplit", "attention_score", "none", "prefix", "router", "uniform"]
+__all__ = [
+    "SkipPolicy",
+    "TokenSplit",
+    "attention_score",
+    "fastv",
+    "merge_only",
+    "none",
+    "prefix",
+    "router",
+    "uniform",
+]

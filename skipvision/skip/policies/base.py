@@ -52,11 +52,17 @@ class SkipPolicy(nn.Module):
     Exactly one of ``num_retained`` (N_r, fixed) or ``retain_ratio`` (N_r = round(N * ratio), at least 1) sets the
     size of R, so every image of a batch gets the same N_r. Subclasses implement ``select``.
     ``uses_cls_scores`` tells the caller whether to ask the encoder for [CLS] attention scores at all.
-    ``skips`` is False for the full model's policy.
+    ``skips`` is False for the policies of the full-compute peers (METHOD.md section 6): nothing is skipped or
+    summarised, every slot runs the FFN. Two such peers change the visual tokens in other ways:
+    ``merge_to`` (compression-only) is the number of tokens each image is merged into before the LLM, None for every
+    other policy; ``prunes_in_llm`` (FastV) means the policy prunes tokens inside the LLM at prefill (see
+    skipvision/skip/fastv.py).
     """
 
     uses_cls_scores: bool = False
-    skips: bool = True  # False only for the full model's policy (nothing merged, skipped or summarised)
+    skips: bool = True  # False for the full-compute peers (nothing skipped or summarised)
+    merge_to: int | None = None  # compression-only: tokens per image after merging (N_r + N_s); None: no merge
+    prunes_in_llm: bool = False  # the policy prunes tokens inside the LLM at prefill (see skipvision/skip/fastv.py)
 
     def __init__(self, num_retained: int | None = None, retain_ratio: float | None = None) -> None:
         super().__init__()
