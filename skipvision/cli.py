@@ -1,6 +1,6 @@
 """``python -m skipvision <command>``: thin argument parsing over the library (ARCHITECTURE.md layout).
 
-Commands: fit, validate, generate, data, list, print-recipe, flops. Expected failures (bad recipe keys, unknown
+Commands: fit, validate, generate, bench, data, list, print-recipe, flops. Expected failures (bad recipe keys, unknown
 registry names, missing files, bad data or requests) print one clear line and exit with status 2, without a
 traceback.
 """
@@ -13,6 +13,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from skipvision.bench import cli as bench_cli
 from skipvision.data.chat import ConversationError
 from skipvision.data.pipeline import DataError
 from skipvision.inference import cli as generate_cli
@@ -55,6 +56,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_recipe_args(val)
     val.add_argument("--checkpoint", required=True, help="a .ckpt file written by fit")
     generate_cli.add_parser(sub)
+    bench_cli.add_parser(sub)
     _add_recipe_args(sub.add_parser("print-recipe", help="print the resolved recipe"))
 
     flops = sub.add_parser("flops", help="LLM prefill FLOPs of the paper's settings, full model vs Skip-Vision")
@@ -98,6 +100,8 @@ def cmd_list(kind: str | None, console: Console) -> None:
 def run(args: argparse.Namespace, console: Console) -> None:
     if args.command == "list":
         cmd_list(args.kind, console)
+    elif args.command == "bench":
+        bench_cli.run(args)
     elif args.command == "generate":
         generate_cli.run_generate(args)
     elif args.command == "print-recipe":

@@ -126,6 +126,21 @@ class EvalConfig:
 
 
 @dataclass
+class BenchConfig:
+    """``python -m skipvision bench``: variants of this recipe measured side by side (skipvision/bench/)."""
+
+    baseline: str = "full"  # the variant every ratio is taken against
+    variants: dict[str, list[str]] = field(default_factory=lambda: {"full": ["model.skip.policy=none"]})
+    weights_from: dict[str, str] = field(default_factory=dict)  # training-free variants use another's weights
+    train_batch: int = 8  # samples per timed training step
+    decode_batches: list[int] = field(default_factory=lambda: [1, 16])
+    decode_tokens: int = 16  # generated tokens per decode measurement
+    warmup: int = 2  # untimed repetitions per measurement
+    repeats: int = 5  # timed repetitions (median); variants take turns so noise hits them alike
+    val_samples: int = 200  # validation questions for answer accuracy
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     seed: int = 0
@@ -137,6 +152,7 @@ class Recipe:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 def find_recipe(recipe: str | Path) -> Path:

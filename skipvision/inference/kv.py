@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 from transformers import DynamicCache
 
 
@@ -93,7 +94,12 @@ def drop_cache_positions(cache: DynamicCache, removal: Removal, layers: Sequence
             raise ValueError(
                 f"layer {i} caches [B={b}, T={t}] but the removal plan is for [B={batch}, T={removal.source_length}]"
             )
-    for _, layer in chosen:
+    with record_function("skipvision::kv_removal"):
+        _gather_layers([layer for _, layer in chosen], removal)
+
+
+def _gather_layers(layers: list, removal: Removal) -> None:
+    for layer in layers:
         b, h, _, hd = layer.keys.shape  # [B, H_kv, T, hd]
         base = removal.index.to(layer.keys.device)[:, None, :, None]  # [B, 1, K, 1]
         layer.keys = layer.keys.gather(2, base.expand(b, h, -1, hd))  # [B, H_kv, K, hd]

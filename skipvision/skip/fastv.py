@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
@@ -118,31 +119,37 @@ class _Pruner:
 
     def score(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Pre-hook of layer K - 1: plan the removal from the last token's attention row."""
-        scores = last_token_attention(layer, args[0], kwargs["position_embeddings"], self.mask)  # [B, T]
-        self.removal = Removal.plan(~lowest_scored(scores, self.candidates.to(scores.device), self.ratio))
+        with record_function("skipvision::fastv_score"):
+            scores = last_token_attention(layer, args[0], kwargs["position_embeddings"], self.mask)  # [B, T]
+            self.removal = Removal.plan(~lowest_scored(scores, self.candidates.to(scores.device), self.ratio))
 
     def prune(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any], first: bool) -> tuple[tuple, dict]:
         """Pre-hook of layers K..L-1: layer K (``first``) gathers the hidden states to the survivors and builds the
         reduced kwargs; every such layer gets them."""
         if first:
-            hidden = args[0]  # [B, T, D]
-            index = self.removal.index.to(hidden.device)  # [B, T']
-            hidden = _gather(hidden, index)  # [B, T', D]
-            positions = kwargs["position_ids"].expand(index.shape[0], -1).gather(1, index)  # [B, T'], true positions
-            cos, sin = kwargs["position_embeddings"]  # [B or 1, T, hd]
-            self.reduced = {
-                "attention_mask": create_causal_mask(
-                    config=self.config,
-                    inputs_embeds=hidden,
-                    attention_mask=prune_mask(self.mask, self.removal).to(hidden.device),  # [B, T'], fillers 0
-                    cache=None,  # mask sizes from the reduced sequence itself, not from the half-filled cache
-                    position_ids=positions,
-                ),
-                "position_embeddings": (_gather(cos, index), _gather(sin, index)),  # [B, T', hd] each
-                "position_ids": positions,
-            }
-            args = (hidden, *args[1:])
+            with record_function("skipvision::fastv_prune"):
+                args = self._reduce(args, kwargs)
         return args, {**kwargs, **self.reduced}
+
+    def _reduce(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        """Gather layer K's input to the survivors and build the reduced kwargs of layers K..L-1."""
+        hidden = args[0]  # [B, T, D]
+        index = self.removal.index.to(hidden.device)  # [B, T']
+        hidden = _gather(hidden, index)  # [B, T', D]
+        positions = kwargs["position_ids"].expand(index.shape[0], -1).gather(1, index)  # [B, T'], true positions
+        cos, sin = kwargs["position_embeddings"]  # [B or 1, T, hd]
+        self.reduced = {
+            "attention_mask": create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=prune_mask(self.mask, self.removal).to(hidden.device),  # [B, T'], fillers 0
+                cache=None,  # mask sizes from the reduced sequence itself, not from the half-filled cache
+                position_ids=positions,
+            ),
+            "position_embeddings": (_gather(cos, index), _gather(sin, index)),  # [B, T', hd] each
+            "position_ids": positions,
+        }
+        return (hidden, *args[1:])
 
 
 def _check_inputs(

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -76,8 +77,9 @@ class SkipFFN:
             return
         if ffn_mask.dim() != 2 or ffn_mask.dtype != torch.bool:
             raise ValueError(f"ffn_mask must be a [B, T] bool tensor, got {ffn_mask.dtype} {tuple(ffn_mask.shape)}")
-        self._shape = (ffn_mask.shape[0], ffn_mask.shape[1])
-        self._keep = ffn_mask.flatten().nonzero().squeeze(1)  # [n_keep]
+        with record_function("skipvision::skip_ffn_plan"):
+            self._shape = (ffn_mask.shape[0], ffn_mask.shape[1])
+            self._keep = ffn_mask.flatten().nonzero().squeeze(1)  # [n_keep]
 
     def attach(self) -> SkipFFN:
         """Install the MLP overrides (idempotent). Fails if any MLP of the model already has an instance override."""
@@ -128,9 +130,11 @@ class PlannedForward:
         if keep is None or tuple(x.shape[:-1]) != self.skip._shape:
             return original(self.mlp, x, *args, **kwargs)  # no plan, decode step or text-only call: plain MLP
         b, t, d = x.shape
-        keep = keep.to(x.device)  # [n_keep]
-        flat = x.reshape(b * t, d)  # [B*T, D]
+        with record_function("skipvision::skip_ffn_gather"):
+            keep = keep.to(x.device)  # [n_keep]
+            rows = x.reshape(b * t, d).index_select(0, keep).unsqueeze(0)  # [1, n_keep, D]
         # Always called, even with n_keep == 0 ([1, 0, D]), so collectives match across ranks.
-        y = original(self.mlp, flat.index_select(0, keep).unsqueeze(0), *args, **kwargs).squeeze(0)  # [n_keep, D]
-        out = y.new_zeros(b * t, y.shape[-1]).index_copy(0, keep, y)  # [B*T, D]
+        y = original(self.mlp, rows, *args, **kwargs).squeeze(0)  # [n_keep, D]
+        with record_function("skipvision::skip_ffn_scatter"):
+            out = y.new_zeros(b * t, y.shape[-1]).index_copy(0, keep, y)  # [B*T, D]
         return out.reshape(b, t, -1)  # [B, T, D]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from skipvision.registry import COMPRESSORS, SKIP_POLICIES
 from skipvision.skip.policies.base import SkipPolicy
@@ -86,17 +87,23 @@ class SkipVisionTokens(nn.Module):
     def forward(self, feats: torch.Tensor, cls_scores: torch.Tensor | None) -> VisualTokens:
         """``feats`` [M, N, D] projected tokens (with the encoder's [CLS] scores [M, N] or None) -> slot tokens."""
         if not self.skips:
-            tokens = feats if self.merge_to is None else self.compressor(feats, self.merge_to)  # [M, K, D]
+            if self.merge_to is None:
+                return VisualTokens(feats, self.slot_ffn(feats.device))
+            with record_function("skipvision::merge"):
+                tokens = self.compressor(feats, self.merge_to)  # [M, merge_to, D]
             return VisualTokens(tokens, self.slot_ffn(feats.device))
-        split = self.policy.split(feats, cls_scores)
-        feats = self.policy.weight_retained(feats, split)  # [M, N, D]
-        dim = feats.shape[-1]
-        kept = feats.gather(1, split.retained[..., None].expand(-1, -1, dim))  # [M, N_r, D]
-        cands = feats.gather(1, split.candidates[..., None].expand(-1, -1, dim))  # [M, N - N_r, D]
-        merged = self.compressor(cands, self.num_skipped)  # [M, N_s, D]
-        if self.summary is None:
-            parts = [kept, merged]
-        else:
-            parts = [kept, self.summary(kept)[:, None], merged, self.summary(merged)[:, None]]
-        tokens = torch.cat(parts, dim=1)  # [M, K, D]
+        with record_function("skipvision::policy_split"):
+            split = self.policy.split(feats, cls_scores)
+            feats = self.policy.weight_retained(feats, split)  # [M, N, D]
+            dim = feats.shape[-1]
+            kept = feats.gather(1, split.retained[..., None].expand(-1, -1, dim))  # [M, N_r, D]
+            cands = feats.gather(1, split.candidates[..., None].expand(-1, -1, dim))  # [M, N - N_r, D]
+        with record_function("skipvision::merge"):
+            merged = self.compressor(cands, self.num_skipped)  # [M, N_s, D]
+        with record_function("skipvision::summaries"):
+            if self.summary is None:
+                parts = [kept, merged]
+            else:
+                parts = [kept, self.summary(kept)[:, None], merged, self.summary(merged)[:, None]]
+            tokens = torch.cat(parts, dim=1)  # [M, K, D]
         return VisualTokens(tokens, self.slot_ffn(feats.device), split.aux_loss)
