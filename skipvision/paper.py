@@ -38,7 +38,7 @@ from rich import box
 from rich.table import Table
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from skipvision.data.tokenizer import IMAGE_TOKEN, train_tokenizer
+from skipvision.data.tokenizer import train_tokenizer
 from skipvision.flops import LLMShape, analytic_forward_flops, measured_flops
 from skipvision.model import VisionLanguageModel
 from skipvision.recipe import load_recipe
@@ -163,18 +163,9 @@ def build_meta_model(recipe: str, overrides: Sequence[str] = ()) -> VisionLangua
     """
     cfg = load_recipe(recipe, list(overrides))
     import_modules(list(cfg.imports))
-    skip = OmegaConf.to_container(cfg.model.skip, resolve=True)
     tokenizer = counting_tokenizer()
     with torch.device("meta"):
-        return VisionLanguageModel.from_specs(
-            cfg.model.encoder,
-            cfg.model.projector,
-            cfg.model.backbone,
-            tokenizer,
-            IMAGE_TOKEN,
-            skip=skip,
-            tiles=cfg.model.tiles,
-        )
+        return VisionLanguageModel.from_recipe(OmegaConf.to_container(cfg.model, resolve=True), tokenizer)
 
 
 def prefill_flops(shape: LLMShape, plan: TokenPlan, text_tokens: int, skip: bool, causal: bool = False) -> int:

@@ -13,6 +13,7 @@ from skipvision.bench import ideal
 from skipvision.bench.runner import build_variants, variant_recipes
 from skipvision.cli import main
 from skipvision.flops import LLMShape
+from skipvision.paper import build_meta_model
 from skipvision.recipe import RecipeError, load_recipe
 
 from .conftest import TESTS
@@ -113,3 +114,22 @@ def test_profile_names_the_skip_machinery(tiny_shapes: Path, tmp_path: Path) -> 
     assert "skipvision::merge" in blocks["merge_only"] and "skipvision::skip_ffn" not in blocks["merge_only"]
     assert "skipvision::fastv_score" in blocks["fastv"] and "skipvision::fastv_prune" in blocks["fastv"]
     assert "skipvision::" not in blocks["full"]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "slots"),
+    [
+        ("bench-llava", {"full": 576, "skip_vision": 258, "merge_only": 258, "fastv": 576}),
+        ("bench-hd", {"full": 1728, "skip_vision": 1154, "merge_only": 1154, "fastv": 1728}),
+    ],
+)
+def test_shipped_bench_recipes_resolve_to_their_token_plans(recipe: str, slots: dict) -> None:
+    """Built on the meta device (no weights), every variant of the shipped bench recipes has its token plan."""
+    cfg = load_recipe(recipe)
+    assert list(cfg.bench.variants) == list(slots)
+    for name, overrides in cfg.bench.variants.items():
+        model = build_meta_model(recipe, list(overrides))
+        assert model.num_image_tokens == slots[name], name
+        if name == "skip_vision":
+            want = (100, 156) if recipe == "bench-llava" else (576, 576)
+            assert (model.visual.num_retained, model.visual.num_skipped) == want

@@ -112,6 +112,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylabel("answer accuracy, all questions (%)")
     ax.set_title(f"{result['recipe']}: bubble area = training step time")
     ax.set_xlim(0, 1.15)
+    ax.margins(y=0.25)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -81,10 +81,13 @@ def first_batch(variant: Variant, split: str) -> dict[str, Any]:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[Any]]:
-    """Run every variant's closure in turns; keep the results of the timed rounds."""
+    """Run every variant's closure in turns, the order reversed every other round (A B C, C B A, ...) so a variant's
+    place in the round does not bias it; keep the results of the timed rounds."""
     results: dict[str, list[Any]] = {name: [] for name in fns}
+    names = list(fns)
     for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            fn = fns[name]
             out = fn()
             if round_ >= warmup:
                 results[name].append(out)

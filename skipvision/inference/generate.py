@@ -48,7 +48,9 @@ class GenerationStats:
 @dataclass
 class Generation:
     token_ids: list[int]  # without the EOS
-    text: str | None  # decoded (stop string and after removed); None without a tokenizer
+    text: (
+        str | None
+    )  # decoded, the template's leading space dropped (stop string and after removed); None without a tokenizer
     stats: GenerationStats
     logits: torch.Tensor | None = None  # [steps, V] the logits each token was chosen from (output_logits only)
 
@@ -166,7 +168,7 @@ def generate_tokens(
                 continue
             generated[row].append(tid)
             if config.stop:
-                texts[row] = _cut_at_stop(tokenizer.decode(generated[row], skip_special_tokens=True), config.stop)
+                texts[row] = _cut_at_stop(_decode(tokenizer, generated[row]), config.stop)
                 if texts[row] is not None:
                     reasons[row] = "stop"
                     continue
@@ -191,7 +193,7 @@ def generate_tokens(
         n = steps[row]
         decode_ms = (stamps[n - 1] - stamps[0]) * 1000 / (n - 1) if n > 1 else None
         if texts[row] is None and tokenizer is not None:
-            texts[row] = tokenizer.decode(generated[row], skip_special_tokens=True)
+            texts[row] = _decode(tokenizer, generated[row])
         stats = GenerationStats(
             prompt_tokens=int(lengths[row]),
             generated_tokens=len(generated[row]),
@@ -204,6 +206,12 @@ def generate_tokens(
         logits = torch.stack([step[row] for step in step_logits[:n]]) if config.output_logits else None  # [n, V]
         results.append(Generation(generated[row], texts[row], stats, logits))
     return results
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """The answer text: special tokens dropped, and the space the chat template puts after "ASSISTANT:"."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text.removeprefix(" ")
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> str | None:

@@ -70,6 +70,8 @@ class SkipFFN:
     def set_plan(self, ffn_mask: torch.Tensor | None) -> None:
         """Set (or clear, with None) the plan: ``ffn_mask`` [B, T] bool, True = run the FFN on that row.
 
+        A plan that keeps every row is the same as no plan: the MLP runs on the unpacked input.
+
         The flat indices of the kept rows are computed once here and shared by every hooked layer.
         """
         if ffn_mask is None:
@@ -78,6 +80,9 @@ class SkipFFN:
         if ffn_mask.dim() != 2 or ffn_mask.dtype != torch.bool:
             raise ValueError(f"ffn_mask must be a [B, T] bool tensor, got {ffn_mask.dtype} {tuple(ffn_mask.shape)}")
         with record_function("skipvision::skip_ffn_plan"):
+            if bool(ffn_mask.all()):  # nothing skipped: the plain MLP, no gather/scatter (the bench's hook overhead)
+                self._shape, self._keep = None, None
+                return
             self._shape = (ffn_mask.shape[0], ffn_mask.shape[1])
             self._keep = ffn_mask.flatten().nonzero().squeeze(1)  # [n_keep]
 
