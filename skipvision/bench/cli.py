@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
 from skipvision.recipe import RecipeError, load_recipe
@@ -41,6 +40,20 @@ def parse_checkpoints(items: list[str]) -> dict[str, str]:
     return pairs
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The bench command these arguments stand for (recorded in bench.json, so a table says how it was made)."""
+    argv = ["bench", "--recipe", args.recipe]
+    if args.train_steps is not None:
+        argv += ["--train-steps", str(args.train_steps)]
+    for item in args.checkpoint:
+        argv += ["--checkpoint", item]
+    if args.out:
+        argv += ["--out", args.out]
+    if args.device != "cpu":
+        argv += ["--device", args.device]
+    return "python -m skipvision " + shlex.join([*argv, *args.overrides])
+
+
 def run(args: argparse.Namespace) -> None:
     import torch
     from rich.console import Console
@@ -58,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
         print("\n".join(texts.values()))
         return
     result = run_bench(cfg, args.train_steps, parse_checkpoints(args.checkpoint), args.device)
-    result["command"] = "python -m skipvision " + shlex.join(sys.argv[1:] if sys.argv[1:2] == ["bench"] else [])
+    result["command"] = command_line(args)
     files = report.write(result, out)
     console = Console()
     console.print(Markdown(report.markdown(result)))

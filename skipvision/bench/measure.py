@@ -8,6 +8,7 @@ functions return one repetition's seconds; the runner takes medians.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,15 +17,11 @@ import torch
 from transformers import DynamicCache
 
 from skipvision.flops import measured_flops
-from skipvision.inference.generate import generate_tokens, prefill
+from skipvision.inference.generate import generate_tokens, prefill, synchronize
 from skipvision.inference.kv import kv_cache_bytes
 from skipvision.inference.sampling import GenerationConfig
 from skipvision.model import VisionLanguageModel
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from skipvision.skip.ffn import SkipFFN
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -38,7 +35,7 @@ def train_step_fn(model: VisionLanguageModel, batch: dict[str, Any], lr: float =
     device = model_device(model)
 
     def step() -> float:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         out = model(
             batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["num_images"], batch["labels"]
@@ -46,7 +43,7 @@ def train_step_fn(model: VisionLanguageModel, batch: dict[str, Any], lr: float =
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - start
 
     return step
@@ -116,10 +113,6 @@ def hooked_copy(model: VisionLanguageModel) -> VisionLanguageModel:
     """A copy of a full (``none`` policy) model with Skip-FFN hooks on every layer and a keep-everything plan: the
     hook machinery's own cost, since the plan changes nothing (METHOD.md section 3; the ``none`` policy itself
     attaches no hooks)."""
-    import copy
-
-    from skipvision.skip.ffn import SkipFFN
-
     twin = copy.deepcopy(model)
     skip = SkipFFN(twin.backbone).attach()
     plain_run = twin.run_backbone

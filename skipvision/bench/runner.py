@@ -87,8 +87,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) ->
     names = list(fns)
     for round_ in range(warmup + repeats):
         for name in names if round_ % 2 == 0 else names[::-1]:
-            fn = fns[name]
-            out = fn()
+            out = fns[name]()
             if round_ >= warmup:
                 results[name].append(out)
     return results

@@ -60,7 +60,17 @@ class Prefilled:
     logits: torch.Tensor  # [B, V] at each row's last prompt position
     mask: torch.Tensor  # [B, K] 2-D mask over the cache positions after removal
     kv_bytes: int  # the whole cache's bytes right after the prefill forward
-    kept: torch.Tensor  # [B] real (unmasked) cache positions per row after removal
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """[B] real (unmasked) cache positions per row after removal."""
+        return self.mask.sum(-1)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def context_limit(model: VisionLanguageModel) -> int | None:
@@ -113,7 +123,7 @@ def prefill(
             removal = Removal.plan(embedded.ffn_mask)  # keep text, R and both summaries; drop S
             drop_cache_positions(cache, removal)
     mask = prompt_mask if removal is None else prune_mask(prompt_mask, removal)  # [B, K]
-    return Prefilled(logits, mask, kv_bytes, mask.sum(-1))
+    return Prefilled(logits, mask, kv_bytes)
 
 
 @torch.no_grad()
@@ -139,7 +149,6 @@ def generate_tokens(
     check_context(lengths.tolist(), limit)
     batch = prompt_ids.shape[0]
     device = prompt_ids.device
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     start = time.perf_counter()
     cache = DynamicCache(config=model.backbone.config)
@@ -148,7 +157,7 @@ def generate_tokens(
     history = prompt_ids[:, :0]  # [B, 0] generated ids so far
     token = chooser(pre.logits, history)  # [B]
     step_logits = [pre.logits.float()] if config.output_logits else []  # per step [B, V]
-    synchronize()
+    synchronize(device)
     stamps = [time.perf_counter() - start]  # seconds at which each step's token was known
 
     mask, next_pos = pre.mask, positions_from_mask(prompt_mask)[:, -1:] + 1  # [B, K], [B, 1]
@@ -184,7 +193,7 @@ def generate_tokens(
         token = chooser(out.logits[:, -1], history)  # [B]
         if config.output_logits:
             step_logits.append(out.logits[:, -1].float())
-        synchronize()
+        synchronize(device)
         stamps.append(time.perf_counter() - start)
 
     per_position = kv_cache_bytes(cache) // max(1, batch * cache.get_seq_length())  # bytes per cached position

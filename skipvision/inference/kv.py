@@ -95,15 +95,11 @@ def drop_cache_positions(cache: DynamicCache, removal: Removal, layers: Sequence
                 f"layer {i} caches [B={b}, T={t}] but the removal plan is for [B={batch}, T={removal.source_length}]"
             )
     with record_function("skipvision::kv_removal"):
-        _gather_layers([layer for _, layer in chosen], removal)
-
-
-def _gather_layers(layers: list, removal: Removal) -> None:
-    for layer in layers:
-        b, h, _, hd = layer.keys.shape  # [B, H_kv, T, hd]
-        base = removal.index.to(layer.keys.device)[:, None, :, None]  # [B, 1, K, 1]
-        layer.keys = layer.keys.gather(2, base.expand(b, h, -1, hd))  # [B, H_kv, K, hd]
-        layer.values = layer.values.gather(2, base.expand(b, h, -1, layer.values.shape[-1]))  # [B, H_kv, K, hd_v]
+        for _, layer in chosen:
+            b, h, _, hd = layer.keys.shape  # [B, H_kv, T, hd]
+            base = removal.index.to(layer.keys.device)[:, None, :, None]  # [B, 1, K, 1]
+            layer.keys = layer.keys.gather(2, base.expand(b, h, -1, hd))  # [B, H_kv, K, hd]
+            layer.values = layer.values.gather(2, base.expand(b, h, -1, layer.values.shape[-1]))  # [B, H_kv, K, hd_v]
 
 
 def kv_cache_bytes(cache: DynamicCache) -> int:
