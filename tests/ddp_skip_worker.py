@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from skipvision.skip.ffn import SkipFFN, decoder_layers
+from skipvision.adapters import decoder_layers
+from skipvision.skip.ffn import SkipFFN
 
 B, T, VOCAB = 2, 8, 50
 

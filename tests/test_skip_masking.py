@@ -1,4 +1,4 @@
-"""Masking ablation (METHOD.md section 3): text queries cannot attend to the skipped slots S, in training only."""
+"""docs/method.md "Masking ablation": text queries cannot attend to the skipped slots S, in training only."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoConfig
 
+from skipvision.adapters import decoder_layers
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.lit.module import VLMLitModule
 from skipvision.model import Embedded, VisionLanguageModel, positions_from_mask
 from skipvision.recipe import SkipConfig, load_recipe
 from skipvision.registry import BACKBONES, ENCODERS
-from skipvision.skip.ffn import decoder_layers
 from skipvision.skip.masking import text_to_skipped_mask
 
 from .conftest import TINY_RECIPE
@@ -160,10 +160,17 @@ def test_the_mask_in_the_library_formats(tokenizer) -> None:
     assert sdpa.dtype == torch.bool and torch.equal(sdpa, want == 0)
     model.backbone.set_attn_implementation("eager")
     assert torch.equal(text_to_skipped_mask(config, *args), want)
-    mixed = AutoConfig.for_model("qwen2", use_sliding_window=True, sliding_window=8, num_hidden_layers=2)
-    mixed.layer_types = ["sliding_attention", "full_attention"]
-    with pytest.raises(NotImplementedError, match="mixed attention layer types"):
-        text_to_skipped_mask(mixed, *args)
+    # A hybrid decoder gets one mask per layer type; the sliding one also hides keys 8 or more positions back.
+    hybrid = AutoConfig.for_model("qwen2", use_sliding_window=True, sliding_window=8, num_hidden_layers=2)
+    hybrid.layer_types = ["sliding_attention", "full_attention"]
+    hybrid._attn_implementation = "sdpa"
+    masks = text_to_skipped_mask(hybrid, *args)
+    assert sorted(masks) == ["full_attention", "sliding_attention"]
+    assert torch.equal(masks["full_attention"], want == 0)
+    index = torch.arange(want.shape[-1])
+    in_window = index[:, None] - index[None, :] < 8  # [T(q), T(k)]
+    assert torch.equal(masks["sliding_attention"], (want == 0) & in_window)
+    assert not torch.equal(masks["sliding_attention"], masks["full_attention"])
 
 
 def test_training_step_with_the_mask_backpropagates(tokenizer) -> None:

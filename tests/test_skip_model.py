@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from skipvision.adapters import decoder_layers
 from skipvision.compressors.token_merge import merge_tokens
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.model import ImageTokenMismatchError, VisionLanguageModel
 from skipvision.registry import BACKBONES, ENCODERS
-from skipvision.skip.ffn import decoder_layers
 
 from .test_fit import _fit
 from .test_model import make_batch
@@ -115,3 +115,27 @@ def test_cli_fit_with_skip_vision(tiny_overrides: list[str], tmp_path: Path) -> 
     assert ckpt["global_step"] == 2
     assert ckpt["hyper_parameters"]["recipe"]["model"]["skip"]["num_skipped"] == 4
     assert any(k.startswith("model.visual.summary.") for k in ckpt["state_dict"])
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        "{model_type: mistral}",  # every layer sliding (default window 4096)
+        "{model_type: gemma3_text, sliding_window: 8, layer_types: [sliding_attention, full_attention]}",
+    ],
+)
+def test_fit_with_sliding_window_backbones_validates_through_kv_removal(
+    tiny_overrides: list[str], tmp_path: Path, backbone: str
+) -> None:
+    """End-of-fit validation decodes with the skipped K/V removed from sliding-window (and hybrid) caches."""
+    skip = ["model.skip.policy={name: attention_score, num_retained: 4}", "model.skip.num_skipped=4"]
+    model_type = backbone.split(",")[0].split(":")[1].strip(" }")
+    sizes = "hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, head_dim: 16"
+    spec = f"model.backbone={{name: hf_causal_lm, config: {backbone[:-1]}, {sizes}, num_key_value_heads: 1}}}}"
+    assert _fit([*tiny_overrides, *skip, spec]) == 0
+    [metrics] = (tmp_path / "run" / "logs").glob("version_*/metrics.csv")
+    header, *rows = metrics.read_text().splitlines()
+    column = header.split(",").index("val/acc_all")
+    assert [row.split(",")[column] for row in rows if row.split(",")[column]]  # validation decoded and scored
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["recipe"]["model"]["backbone"]["config"]["model_type"] == model_type

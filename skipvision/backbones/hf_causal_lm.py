@@ -1,7 +1,8 @@
-"""Any HF causal LM as the backbone, built from a config dict or loaded from a local folder / hub name.
+"""An HF causal LM of a supported family as the backbone, built from a config dict or loaded from a local folder.
 
-The model is an unmodified transformers model: Skip-FFN (METHOD.md section 3) attaches to it from outside, so
-checkpoints stay HF-loadable and any decoder with a per-layer ``mlp`` (Llama, Qwen2, Mistral, ...) works.
+The model is an unmodified transformers model: Skip-FFN (docs/method.md "The Skip-FFN layer") attaches to it from
+outside, so checkpoints stay HF-loadable. The family must have a decoder adapter (docs/adapters.md); any other
+``model_type`` fails here, at build time, in one line naming the supported ones.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from skipvision.adapters import adapter_for
 from skipvision.registry import BACKBONES
 
 TINY_LLAMA = {
@@ -30,19 +32,21 @@ TINY_LLAMA = {
 def hf_causal_lm(
     config: dict[str, Any] | None = None,
     path: str | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     vocab_size: int | None = None,
 ) -> PreTrainedModel:
     """Build ``AutoModelForCausalLM`` from ``config`` (needs ``model_type``) or load it from ``path``.
 
     ``vocab_size`` is wired by the framework from the tokenizer: a config without one takes it, and a loaded
     model whose embedding table is smaller than the tokenizer is resized (new rows initialised by HF).
+    ``attn_implementation`` None takes transformers' default for the family (sdpa where it has one; Gemma 2 eager).
     """
     if (config is None) == (path is None):
         raise ValueError("hf_causal_lm: give exactly one of 'config' (a dict with model_type) or 'path'")
     if path is not None:
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"No config.json in backbone folder {path}")
+        adapter_for(AutoConfig.from_pretrained(path))  # an unsupported family fails before any weight is read
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
     else:
         config = dict(config)
@@ -50,9 +54,9 @@ def hf_causal_lm(
             raise ValueError("hf_causal_lm: 'config' needs a 'model_type' (e.g. llama, qwen2, mistral)")
         if vocab_size is not None:
             config.setdefault("vocab_size", vocab_size)
-        model = AutoModelForCausalLM.from_config(
-            AutoConfig.for_model(**config), attn_implementation=attn_implementation
-        )
+        built = AutoConfig.for_model(**config)
+        adapter_for(built)
+        model = AutoModelForCausalLM.from_config(built, attn_implementation=attn_implementation)
     if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size)
     return model

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from skipvision.inference.kv import Removal, drop_cache_positions, kv_cache_bytes, prune_mask
+from skipvision.adapters import SLIDING, DecoderAdapter, adapter_for
+from skipvision.errors import SkipvisionError
+from skipvision.inference.kv import Removal, drop_cache_positions, kv_cache_bytes, prune_mask, stored_lengths
 from skipvision.inference.sampling import GenerationConfig, TokenChooser
 from skipvision.model import VisionLanguageModel, positions_from_mask
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(SkipvisionError, ValueError):
     """A prompt (image slots included) leaves no room in the model's context."""
 
 
@@ -58,7 +60,8 @@ class Generation:
 @dataclass
 class Prefilled:
     logits: torch.Tensor  # [B, V] at each row's last prompt position
-    mask: torch.Tensor  # [B, K] 2-D mask over the cache positions after removal
+    mask: torch.Tensor  # [B, K] 2-D mask over the cache columns after removal (0: padding or filler)
+    positions: torch.Tensor  # [B, K] the true position of each cache column
     kv_bytes: int  # the whole cache's bytes right after the prefill forward
 
     @property
@@ -122,8 +125,10 @@ def prefill(
         if drop_kv and embedded.ffn_mask is not None:
             removal = Removal.plan(embedded.ffn_mask)  # keep text, R and both summaries; drop S
             drop_cache_positions(cache, removal)
-    mask = prompt_mask if removal is None else prune_mask(prompt_mask, removal)  # [B, K]
-    return Prefilled(logits, mask, kv_bytes)
+    if removal is None:
+        return Prefilled(logits, prompt_mask, positions, kv_bytes)
+    columns = removal.index.to(positions.device)  # [B, K]
+    return Prefilled(logits, prune_mask(prompt_mask, removal), positions.gather(1, columns), kv_bytes)
 
 
 @torch.no_grad()
@@ -160,7 +165,10 @@ def generate_tokens(
     synchronize(device)
     stamps = [time.perf_counter() - start]  # seconds at which each step's token was known
 
-    mask, next_pos = pre.mask, positions_from_mask(prompt_mask)[:, -1:] + 1  # [B, K], [B, 1]
+    adapter = adapter_for(model.backbone.config)
+    probe = torch.empty(batch, 1, 1, dtype=model.backbone.dtype, device=device)  # the masks' batch, dtype, device
+    mask, key_pos = pre.mask, pre.positions  # [B, K] each
+    next_pos = positions_from_mask(prompt_mask)[:, -1:] + 1  # [B, 1]
     room = [config.max_new_tokens if limit is None else min(config.max_new_tokens, limit - n) for n in lengths.tolist()]
     generated: list[list[int]] = [[] for _ in range(batch)]
     steps, reasons = [0] * batch, [""] * batch
@@ -186,8 +194,10 @@ def generate_tokens(
         if all(reasons):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [B, K + L]
+        key_pos = torch.cat([key_pos, next_pos], dim=1)  # [B, K + L]
+        masks = decode_masks(adapter, cache, probe, next_pos, key_pos, mask)
         out = model.backbone(
-            input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True
+            input_ids=token[:, None], attention_mask=masks, position_ids=next_pos, cache=cache, use_cache=True
         )
         next_pos = next_pos + 1
         token = chooser(out.logits[:, -1], history)  # [B]
@@ -215,6 +225,25 @@ def generate_tokens(
         logits = torch.stack([step[row] for step in step_logits[:n]]) if config.output_logits else None  # [n, V]
         results.append(Generation(generated[row], texts[row], stats, logits))
     return results
+
+
+def decode_masks(
+    adapter: DecoderAdapter,
+    cache: DynamicCache,
+    probe: torch.Tensor,
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    key_mask: torch.Tensor,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask(s) of one decode step from the cache columns' true positions ``key_pos`` and validity
+    ``key_mask`` [B, K + L] (the new token's column included) and the query positions ``query_pos`` [B, 1].
+
+    Removal leaves gaps in the positions, so causality and windows are decided by position, never by index
+    (docs/adapters.md "Masks"); sliding layers hold only the last columns, and get the last (stored + 1) of them.
+    """
+    stored = stored_lengths(cache, adapter.layer_types)
+    widths = {SLIDING: stored[SLIDING] + 1} if SLIDING in stored else None
+    return adapter.masks(probe, query_pos, key_pos, key_mask, widths)
 
 
 def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:

@@ -1,31 +1,31 @@
-"""FastV inside one forward of the unmodified transformers model (METHOD.md section 6, peer "FastV").
+"""FastV inside one forward of the unmodified transformers model (docs/method.md "Peers").
 
 FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024) is training-free: at layer K the share
 ``ratio`` of image tokens that the last prompt token attends to least in layer K - 1 is dropped, so layers K..L-1
 never see them. Here they also leave the KV cache of every layer, so decoding runs over the same reduced prompt
-(METHOD.md section 4, steps 2-3). One prefill forward, with forward pre-hooks on the decoder layers:
+(docs/method.md "KV removal"). One prefill forward, with forward pre-hooks on the decoder layers:
 
 * layer K - 1: from the layer's input hidden states, compute only the attention row the method needs, the last
   prompt token's query against all T keys, heads averaged (:func:`last_token_attention`; never the full attention
   matrix, so any attention implementation runs the forward). Per row the ``floor(ratio * image slots)``
   lowest-scored image positions are dropped and :class:`~skipvision.inference.kv.Removal` plans the survivors (rows
   that drop fewer, e.g. text-only ones, keep masked fillers, exactly like left padding).
-* layer K: the hidden states are gathered to the survivors; layers K..L-1 get reduced kwargs: the attention mask
-  rebuilt by transformers' own builder from the pruned 2-D mask (fillers 0), and the gathered cos/sin and position
-  ids. Positions are the true ones, never recomputed, so RoPE phases stay those of the full sequence.
+* layer K: the hidden states are gathered to the survivors; layers K..L-1 get reduced kwargs: the attention mask of
+  their layer type built from the survivors' true positions (sliding windows by position, fillers masked; see
+  :mod:`skipvision.adapters.masks`), and the gathered cos/sin and position ids. Positions are the true ones, never
+  recomputed, so RoPE phases stay those of the full sequence.
 * after the forward, layers < K (which cached all T positions) are trimmed to the survivors, so every cache layer
-  holds the same positions; decode with the pruned 2-D mask and explicit true positions.
+  holds the same columns (sliding layers a suffix of them); decode with the pruned 2-D mask and explicit true
+  positions.
 
-transformers 5.24 internals this relies on: the decoder layers are called as ``layer(hidden_states,
-attention_mask=<4-D mask built once by masking_utils.create_causal_mask>, position_embeddings=(cos, sin),
-position_ids=..., cache=..., use_cache=..., **kwargs)``; the attention module has ``q_proj``/``k_proj`` (optionally
-``q_norm``/``k_norm`` over the head dim), ``head_dim`` and ``scaling``, and its modeling module defines
-``apply_rotary_pos_emb(q, k, cos, sin)``. Sliding-window layers are rejected (their mask and cache differ).
+Everything family-specific (the attention-input norm, q/k projections and norms, RoPE, score scaling and
+soft-capping, layer types) comes from the model's decoder adapter (docs/adapters.md). The decoder layers are called
+as ``layer(hidden_states, attention_mask=..., position_embeddings=(cos, sin), position_ids=..., **kwargs)`` by every
+supported family in transformers 5.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -33,11 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.profiler import record_function
-from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+from transformers import DynamicCache, PreTrainedModel
 
-from skipvision.inference.kv import Removal, drop_cache_positions, kv_cache_bytes, prune_mask
-from skipvision.skip.ffn import decoder_layers
+from skipvision.adapters import SLIDING, DecoderAdapter, adapter_for
+from skipvision.inference.kv import Removal, drop_cache_positions, keep_last, kv_cache_bytes, prune_mask, stored_lengths
 from skipvision.skip.policies.fastv import check_fastv
 
 
@@ -49,6 +48,7 @@ class FastVPrefill:
 
 
 def last_token_attention(
+    adapter: DecoderAdapter,
     layer: nn.Module,
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
@@ -58,34 +58,23 @@ def last_token_attention(
 
     ``hidden_states`` [B, T, D] is the layer's input, ``position_embeddings`` its (cos, sin) [B or 1, T, hd] and
     ``attention_mask`` [B, T] the 2-D padding mask (the last query sees every earlier key, so causality adds
-    nothing). Computes exactly what the layer's attention computes for that one query (norm, projections, RoPE,
-    scaled softmax in float32, GQA) at O(T) cost instead of the O(T^2) matrix.
+    nothing; the last position is always inside its own window). Computes exactly what the layer's attention
+    computes for that one query (norm, projections, q/k norms, RoPE, scaling and soft-capping, softmax in float32,
+    GQA) at O(T) cost instead of the O(T^2) matrix.
     """
-    attn, head_dim = layer.self_attn, layer.self_attn.head_dim
-    x = layer.input_layernorm(hidden_states)  # [B, T, D]
-    query = _heads(attn.q_proj, getattr(attn, "q_norm", None), x[:, -1:], head_dim)  # [B, H, 1, hd]
-    key = _heads(attn.k_proj, getattr(attn, "k_norm", None), x, head_dim)  # [B, H_kv, T, hd]
-    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    attn = layer.self_attn
+    x = adapter.attention_norm(layer)(hidden_states)  # [B, T, D]
+    query, key = adapter.query_key(attn, x)  # [B, H, T, hd], [B, H_kv, T, hd]
+    query = query[:, :, -1:]  # [B, H, 1, hd]
     cos, sin = position_embeddings  # [B or 1, T, hd]
-    query = rotary(query, query, cos[:, -1:], sin[:, -1:])[0]  # [B, H, 1, hd]
-    key = rotary(key, key, cos, sin)[1]  # [B, H_kv, T, hd]
+    query = adapter.rotary(query, query, cos[:, -1:], sin[:, -1:])[0]  # [B, H, 1, hd]
+    key = adapter.rotary(key, key, cos, sin)[1]  # [B, H_kv, T, hd]
     # GQA: query head h reads kv head h // G, as transformers' repeat_kv, without repeating the keys.
-    query = query.reshape(x.shape[0], key.shape[1], -1, head_dim)  # [B, H_kv, G, hd]
-    scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scaling  # [B, H_kv, G, T]
+    query = query.reshape(x.shape[0], key.shape[1], -1, query.shape[-1])  # [B, H_kv, G, hd]
+    scores = adapter.scores(attn, query, key)  # [B, H_kv, G, T]
     hidden = ~attention_mask.bool().to(scores.device)[:, None, None, :]  # [B, 1, 1, T]
     weights = scores.float().masked_fill(hidden, float("-inf")).softmax(dim=-1)  # [B, H_kv, G, T]
     return weights.mean(dim=(1, 2))  # [B, T]
-
-
-def _heads(proj: nn.Module, norm: nn.Module | None, x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``x`` [B, t, D] -> [B, heads, t, hd] as the attention module projects it, with its optional q/k norm either
-    per head (Qwen3, Gemma3) or over the whole projection (OLMo2), told apart by the norm's width."""
-    y = proj(x)  # [B, t, heads * hd]
-    whole = norm is not None and norm.weight.shape[-1] == y.shape[-1] != head_dim
-    y = (norm(y) if whole else y).view(*x.shape[:2], -1, head_dim)  # [B, t, heads, hd]
-    if norm is not None and not whole:
-        y = norm(y)
-    return y.transpose(1, 2)  # [B, heads, t, hd]
 
 
 def lowest_scored(scores: torch.Tensor, candidates: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -108,47 +97,47 @@ class _Pruner:
     """The state shared by the pre-hooks of one FastV prefill (see the module docstring)."""
 
     def __init__(
-        self, config: PreTrainedConfig, attention_mask: torch.Tensor, image_slots: torch.Tensor, ratio: float
+        self, adapter: DecoderAdapter, attention_mask: torch.Tensor, image_slots: torch.Tensor, ratio: float
     ) -> None:
-        self.config = config
+        self.adapter = adapter
         self.mask = attention_mask  # [B, T]
         self.candidates = image_slots.bool() & attention_mask.bool()  # [B, T]
         self.ratio = ratio
         self.removal: Removal | None = None
-        self.reduced: dict[str, Any] = {}  # the kwargs of layers K..L-1
+        self.positions: torch.Tensor | None = None  # [B, T'] the survivors' true positions
+        self.masks: dict[str, Any] = {}  # layer type -> the reduced sequence's mask
 
     def score(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Pre-hook of layer K - 1: plan the removal from the last token's attention row."""
         with record_function("skipvision::fastv_score"):
-            scores = last_token_attention(layer, args[0], kwargs["position_embeddings"], self.mask)  # [B, T]
+            scores = last_token_attention(self.adapter, layer, args[0], kwargs["position_embeddings"], self.mask)
             self.removal = Removal.plan(~lowest_scored(scores, self.candidates.to(scores.device), self.ratio))
 
-    def prune(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any], first: bool) -> tuple[tuple, dict]:
+    def prune(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any], layer_index: int, first: bool) -> tuple:
         """Pre-hook of layers K..L-1: layer K (``first``) gathers the hidden states to the survivors and builds the
-        reduced kwargs; every such layer gets them."""
+        reduced positions and masks; every such layer gets them, with the mask of its layer type and its own
+        (cos, sin) gathered (Gemma 3's local and global layers rotate differently)."""
         if first:
             with record_function("skipvision::fastv_prune"):
                 args = self._reduce(args, kwargs)
-        return args, {**kwargs, **self.reduced}
+        index = self.removal.index.to(args[0].device)  # [B, T']
+        cos, sin = kwargs["position_embeddings"]  # [B or 1, T, hd]
+        return args, {
+            **kwargs,
+            "attention_mask": self.masks[self.adapter.layer_types[layer_index]],
+            "position_embeddings": (_gather(cos, index), _gather(sin, index)),  # [B, T', hd] each
+            "position_ids": self.positions,
+        }
 
     def _reduce(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
-        """Gather layer K's input to the survivors and build the reduced kwargs of layers K..L-1."""
+        """Gather layer K's input to the survivors; the survivors' true positions and masks per layer type."""
         hidden = args[0]  # [B, T, D]
         index = self.removal.index.to(hidden.device)  # [B, T']
         hidden = _gather(hidden, index)  # [B, T', D]
-        positions = kwargs["position_ids"].expand(index.shape[0], -1).gather(1, index)  # [B, T'], true positions
-        cos, sin = kwargs["position_embeddings"]  # [B or 1, T, hd]
-        self.reduced = {
-            "attention_mask": create_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=prune_mask(self.mask, self.removal).to(hidden.device),  # [B, T'], fillers 0
-                cache=None,  # mask sizes from the reduced sequence itself, not from the half-filled cache
-                position_ids=positions,
-            ),
-            "position_embeddings": (_gather(cos, index), _gather(sin, index)),  # [B, T', hd] each
-            "position_ids": positions,
-        }
+        self.positions = kwargs["position_ids"].expand(index.shape[0], -1).gather(1, index)  # [B, T'], true
+        valid = prune_mask(self.mask, self.removal).to(hidden.device)  # [B, T'], fillers 0
+        built = self.adapter.masks(hidden, self.positions, self.positions, valid)
+        self.masks = built if isinstance(built, dict) else {kind: built for kind in self.adapter.types}
         return (hidden, *args[1:])
 
 
@@ -163,18 +152,10 @@ def _check_inputs(
     ratio: float,
 ) -> None:
     check_fastv(layer, ratio)
-    num_layers = len(decoder_layers(backbone))
+    num_layers = len(adapter_for(backbone.config).layers(backbone))
     if layer >= num_layers:
         raise ValueError(
             f"fastv: layer (K) must be in [1, {num_layers - 1}] for this {num_layers}-layer backbone, got {layer}"
-        )
-    config = backbone.config
-    types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    sliding = window is not None if types is None else any(kind != "full_attention" for kind in types)
-    if sliding:
-        raise NotImplementedError(
-            f"fastv: only full-attention decoders are supported (layer_types={types}, sliding_window={window})"
         )
     shape = tuple(embeds.shape[:2])
     named = {"attention_mask": attention_mask, "position_ids": position_ids, "image_slots": image_slots}
@@ -209,13 +190,14 @@ def fastv_prefill(
     extended by ones and explicit true positions.
     """
     _check_inputs(backbone, embeds, attention_mask, position_ids, image_slots, cache, layer, ratio)
-    layers = decoder_layers(backbone)
-    pruner = _Pruner(backbone.config, attention_mask, image_slots, ratio)
+    adapter = adapter_for(backbone.config)
+    layers = adapter.layers(backbone)
+    pruner = _Pruner(adapter, attention_mask, image_slots, ratio)
     handles = []
     try:
         handles.append(layers[layer - 1].register_forward_pre_hook(pruner.score, with_kwargs=True))
         for i in range(layer, len(layers)):
-            hook = partial(pruner.prune, first=i == layer)
+            hook = partial(pruner.prune, layer_index=i, first=i == layer)
             handles.append(layers[i].register_forward_pre_hook(hook, with_kwargs=True))
         out = backbone(
             inputs_embeds=embeds,
@@ -230,4 +212,9 @@ def fastv_prefill(
             handle.remove()
     kv_bytes = kv_cache_bytes(cache)
     drop_cache_positions(cache, pruner.removal, layers=range(layer))
+    sliding = adapter.layers_of(SLIDING)
+    if sliding:  # layers >= K may hold older (out-of-window) survivors than the trimmed layers < K
+        shortest = min(cache.layers[i].keys.shape[2] for i in sliding)
+        keep_last(cache, sliding, shortest)
+    stored_lengths(cache, adapter.layer_types)  # every layer of a type now holds the same columns
     return FastVPrefill(out.logits[:, -1], pruner.removal, kv_bytes)

@@ -1,11 +1,12 @@
-"""Skip-FFN on an unmodified Hugging Face causal LM (METHOD.md section 3).
+"""Skip-FFN on an unmodified Hugging Face causal LM (docs/method.md "The Skip-FFN layer").
 
-Every supported decoder layer computes ``h = h + mlp(post_attention_layernorm(h))``. :class:`SkipFFN` overrides
-the ``forward`` attribute of each selected layer's ``mlp`` *instance* so that the real MLP runs only on the rows a
-plan marks as "FFN" and returns zeros on the others: a skipped token then keeps the attention residual only, which is
-exactly Skip-FFN, while still taking part in attention as query, key and value. No module is replaced, so parameter
-names, ``state_dict`` keys and FSDP wrapping are untouched, and :meth:`SkipFFN.detach` restores the model exactly
-(ARCHITECTURE.md "Skip-FFN without forking transformers").
+Every supported decoder layer adds its FFN's output to the residual stream (``h = h + mlp(norm(h))``; Gemma and
+OLMo2 put a norm after the MLP, which maps zeros to zeros). :class:`SkipFFN` overrides the ``forward`` attribute of
+each selected layer's MLP *instance* (found through the family's decoder adapter) so that the real MLP runs only on
+the rows a plan marks as "FFN" and returns zeros on the others: a skipped token then keeps the attention residual
+only, which is exactly Skip-FFN, while still taking part in attention as query, key and value. No module is
+replaced, so parameter names, ``state_dict`` keys and FSDP wrapping are untouched, and :meth:`SkipFFN.detach`
+restores the model exactly (docs/design.md "Skip-Vision core").
 """
 
 from __future__ import annotations
@@ -18,21 +19,12 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of an HF causal LM (``model.model.layers``) or of its base model (``model.layers``)."""
-    for owner in (model, getattr(model, "model", None)):
-        layers = getattr(owner, "layers", None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: expected an nn.ModuleList at `.model.layers` "
-        "(HF causal LM such as Llama, Qwen2, Mistral) or `.layers` (its base model)"
-    )
+from skipvision.adapters import adapter_for
 
 
 class SkipFFN:
-    """Run the FFN of the selected decoder layers only on the rows a plan marks as "FFN" (METHOD.md section 3).
+    """Run the FFN of the selected decoder layers only on the rows a plan marks as "FFN" (docs/method.md "The
+    Skip-FFN layer").
 
     Usage::
 
@@ -47,7 +39,8 @@ class SkipFFN:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int] | None = None) -> None:
-        all_layers = decoder_layers(model)
+        adapter = adapter_for(model.config)
+        all_layers = adapter.layers(model)
         n = len(all_layers)
         indices = range(n) if layers is None else layers
         resolved: list[int] = []
@@ -56,8 +49,8 @@ class SkipFFN:
                 raise ValueError(f"Skip-FFN layer index {i} is out of range: valid indices are {-n}..{n - 1}")
             resolved.append(i % n)
         self.layers: tuple[int, ...] = tuple(sorted(set(resolved)))
-        self._all_layers = all_layers
-        self._mlps: list[nn.Module] = [all_layers[i].mlp for i in self.layers]
+        self._all_mlps: list[nn.Module] = [adapter.mlp(layer) for layer in all_layers]
+        self._mlps: list[nn.Module] = [self._all_mlps[i] for i in self.layers]
         self._shape: tuple[int, int] | None = None  # [B, T] of the current plan
         self._keep: torch.Tensor | None = None  # [n_keep] flat row indices of the FFN rows
         self._attached = False
@@ -90,7 +83,7 @@ class SkipFFN:
         """Install the MLP overrides (idempotent). Fails if any MLP of the model already has an instance override."""
         if self._attached:
             return self
-        taken = [i for i, layer in enumerate(self._all_layers) if "forward" in layer.mlp.__dict__]
+        taken = [i for i, mlp in enumerate(self._all_mlps) if "forward" in mlp.__dict__]
         if taken:
             raise RuntimeError(
                 f"the MLPs of decoder layers {taken} already have an instance-level forward override "
