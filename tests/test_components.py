@@ -18,9 +18,12 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from skipvision.adapters import ADAPTERS
 from skipvision.encoders.hf_vision import TINY_TOWER
 from skipvision.encoders.timm_encoder import TINY_VIT
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS, REGISTRIES
+
+from .families import FAMILIES
 
 ALL_COMPONENTS = [(kind, name) for kind in ("encoder", "projector", "backbone") for name in REGISTRIES[kind].names()]
 
@@ -121,11 +124,10 @@ def test_projectors_have_the_documented_structure() -> None:
     assert mlp[0].weight.shape == (8, 4) and mlp[2].weight.shape == (8, 8)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
-def test_backbone_from_folder_equals_saved_model_and_resizes_vocab(tmp_path: Path, model_type: str) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backbone_from_folder_equals_saved_model_and_resizes_vocab(tmp_path: Path, family: str) -> None:
     torch.manual_seed(0)
-    spec = BACKBONES.tiny_spec("hf_causal_lm")
-    spec["config"] = {**spec["config"], "model_type": model_type, "vocab_size": 40}
+    spec = {"name": "hf_causal_lm", "config": {**ADAPTERS[family].tiny_config, "vocab_size": 40}}
     saved = BACKBONES.build(spec).eval()
     saved.save_pretrained(tmp_path / "llm")
     loaded = BACKBONES.build({"name": "hf_causal_lm", "path": str(tmp_path / "llm")}).eval()

@@ -1,4 +1,4 @@
-"""Analytic vs measured FLOPs (METHOD.md section 5): plain decoders, Skip-FFN savings, training steps, CPU SDPA.
+"""Analytic vs measured FLOPs (docs/method.md "Costs"): plain decoders, Skip-FFN savings, training steps, CPU SDPA.
 
 Tiny random Llama / Qwen2 / Mistral models built from configs, fp32, CPU: nothing is downloaded.
 """
@@ -24,8 +24,8 @@ from skipvision.flops import (
 from skipvision.skip.ffn import SkipFFN
 
 from .conftest import tiny_lm_config
+from .families import FAMILIES, tiny_lm
 
-MODEL_TYPES = ("llama", "qwen2", "mistral")
 B, T = 2, 48
 
 
@@ -106,19 +106,26 @@ def test_breakdown_by_hand() -> None:
 # ---------------------------------------------------------------- analytic vs measured
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_forward_matches_analytic(model_type: str, attn: str) -> None:
-    """Both attention paths count the full T x T score square (SDPA kernel formula; eager bmm shapes)."""
-    model = cached_lm(model_type, attn)
+@functools.cache
+def family_lm(family: str, attn: str | None = None) -> nn.Module:
+    """A supported family's tiny model (tests/families.py), shared by the tests that do not change it."""
+    return tiny_lm(family, attn)
+
+
+@pytest.mark.parametrize("attn", [None, "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_matches_analytic(family: str, attn: str | None) -> None:
+    """Both attention paths count the full T x T score square (SDPA kernel formula; eager bmm shapes); every
+    supported family has the analytic model's matmuls (fused or not, with or without q/k norms and soft-capping)."""
+    model = family_lm(family, attn)
     expected = analytic_forward_flops(LLMShape.from_config(model.config), T, batch=B)
     assert forward_flops(model) == pytest.approx(expected, rel=0.02)
 
 
 @pytest.mark.parametrize("layers", [None, [0]])
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_skip_ffn_saves_exactly_the_skipped_ffn_flops(model_type: str, layers: list[int] | None) -> None:
-    model = cached_lm(model_type, "sdpa")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skip_ffn_saves_exactly_the_skipped_ffn_flops(family: str, layers: list[int] | None) -> None:
+    model = family_lm(family)
     shape = LLMShape.from_config(model.config)
     k = 12
     full = forward_flops(model)

@@ -8,21 +8,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from skipvision.adapters import ADAPTERS
 from skipvision.data.chat import IGNORE_INDEX, encode_conversation
 from skipvision.data.collate import collate
 from skipvision.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from skipvision.model import ImageTokenMismatchError, VisionLanguageModel
-from skipvision.registry import BACKBONES, ENCODERS
+from skipvision.registry import ENCODERS
+
+from .families import FAMILIES
 
 
 def _turns(question: str, answer: str) -> list[dict[str, str]]:
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
 
-def build(tokenizer, model_type: str = "llama") -> VisionLanguageModel:
+def build(tokenizer, family: str = "llama") -> VisionLanguageModel:
+    """The tiny VLM with a supported family's tiny backbone (tests/families.py)."""
     torch.manual_seed(0)
-    backbone = BACKBONES.tiny_spec("hf_causal_lm")
-    backbone["config"] = {**backbone["config"], "model_type": model_type}
+    backbone = {"name": "hf_causal_lm", "config": dict(ADAPTERS[family].tiny_config)}
     return VisionLanguageModel.from_specs(ENCODERS.tiny_spec("timm"), "mlp2x_gelu", backbone, tokenizer).eval()
 
 
@@ -56,9 +59,9 @@ def tokenizer(tiny_shapes: Path):
     return load_tokenizer(tiny_shapes / "tokenizer")
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
-def test_logits_equal_plain_hf_model_on_same_embeddings(tokenizer, model_type: str) -> None:
-    model = build(tokenizer, model_type)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_plain_hf_model_on_same_embeddings(tokenizer, family: str) -> None:
+    model = build(tokenizer, family)
     batch = make_batch(tokenizer, model)
     plain = AutoModelForCausalLM.from_config(model.backbone.config).eval()
     plain.load_state_dict(model.backbone.state_dict())
