@@ -1,4 +1,4 @@
-"""Physical removal of skipped K/V positions after prefill (METHOD.md section 4, step 2) on a tiny HF Llama."""
+"""Physical removal of skipped K/V positions after prefill (docs/method.md "KV removal") on a tiny HF Llama."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def test_decode_after_removal_matches_masked_reference(models, batch):
 
 
 def test_compacted_positions_are_wrong(models, batch):
-    """Pitfall (ARCHITECTURE.md): positions from the pruned mask / cache length silently shift RoPE phases."""
+    """Pitfall (docs/method.md "KV removal"): positions from the pruned mask or cache length shift RoPE phases."""
     model, ref = models
     ids, mask, keep = batch
     tokens, step_logits = _decode(model, ids, mask, keep, compact_positions=True)
