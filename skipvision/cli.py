@@ -1,8 +1,10 @@
-"""``python -m skipvision <command>``: thin argument parsing over the library (ARCHITECTURE.md layout).
+"""``python -m skipvision <command>``: thin argument parsing over the library (docs/cli.md).
 
-Commands: fit, validate, generate, bench, data, list, print-recipe, flops. Expected failures (bad recipe keys, unknown
-registry names, missing files, bad data or requests) print one clear line and exit with status 2, without a
-traceback.
+Commands: fit, validate, generate, bench, data, list, print-recipe, flops. Each command imports what it needs when
+it runs, so ``--help`` and ``list`` answer without loading torch (scripts/bench_cli_startup.py measures it). Errors
+a user can cause (:class:`~skipvision.errors.SkipvisionError`: bad recipe keys, unknown registry names, missing
+files, bad data or requests) print one line and exit with status 2; anything else is a bug and keeps its traceback
+(docs/cli.md "Errors").
 """
 
 from __future__ import annotations
@@ -10,32 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rich.console import Console
-from rich.table import Table
-
 from skipvision.bench import cli as bench_cli
-from skipvision.data.chat import ConversationError
-from skipvision.data.pipeline import DataError
+from skipvision.errors import SkipvisionError
 from skipvision.inference import cli as generate_cli
-from skipvision.inference.generator import RequestError
-from skipvision.model import ImageTokenMismatchError
-from skipvision.recipe import RecipeError, load_recipe, to_yaml
-from skipvision.registry import REGISTRIES, RegistryError, load_entry_point_plugins, preset_names
-
-USER_ERRORS = (
-    RecipeError,
-    RegistryError,
-    DataError,
-    ConversationError,
-    ImageTokenMismatchError,
-    RequestError,
-    FileNotFoundError,
-    FileExistsError,
-)
+from skipvision.registry import REGISTRIES
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True, help="recipe YAML path, or a name under recipes/")
+    parser.add_argument("--recipe", required=True, help="recipe YAML path, or a shipped recipe's name (see list)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
 
 
@@ -68,59 +52,77 @@ def make_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    shapes = data_sub.add_parser("shapes", help="generate the synthetic shapes VQA set as WebDataset shards")
+    # Flags left out are absent from the namespace (SUPPRESS): generate_shapes fills them from ShapesSettings.
+    shapes = data_sub.add_parser(
+        "shapes",
+        help="generate the synthetic shapes VQA set as WebDataset shards",
+        description="Flags not given take the defaults of a recipe's data.shapes section.",
+        argument_default=argparse.SUPPRESS,
+    )
     shapes.add_argument("--out", required=True)
-    shapes.add_argument("--num-train", type=int, default=20000)
-    shapes.add_argument("--num-val", type=int, default=1000)
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--image-size", type=int, default=64)
-    shapes.add_argument("--shard-size", type=int, default=1000)
-    shapes.add_argument("--vocab-size", type=int, default=512)
-    shapes.add_argument("--train-questions", type=int, default=1, help="question turns per training image")
+    shapes.add_argument("--num-train", type=int)
+    shapes.add_argument("--num-val", type=int)
+    shapes.add_argument("--seed", type=int)
+    shapes.add_argument("--image-size", type=int)
+    shapes.add_argument("--shard-size", type=int)
+    shapes.add_argument("--vocab-size", type=int)
+    shapes.add_argument("--train-questions", type=int, help="question turns per training image")
     shapes.add_argument("--train-describe", action="store_true", help="add a caption turn to training images")
     shapes.add_argument("--overwrite", action="store_true")
     return parser
 
 
-def cmd_list(kind: str | None, console: Console) -> None:
+def list_text(kind: str | None) -> str:
+    """Every component of ``kind`` (all kinds when None) with its description and presets, then (for all kinds)
+    the shipped recipes. Built-ins come from the registries' catalogues, so nothing imports torch unless a plugin
+    does."""
+    from skipvision.registry import load_entry_point_plugins, preset_names
+    from skipvision.resources import shipped_recipes
+
     load_entry_point_plugins()
+    blocks = []
     for name, registry in REGISTRIES.items():
         if kind not in (None, name):
             continue
-        table = Table(title=f"{name}s", title_justify="left")
-        table.add_column("name")
-        table.add_column("description")
-        for entry in registry.entries():
-            table.add_row(entry.name, entry.description)
-        console.print(table)
-        presets = preset_names(name)
-        console.print(f"  presets (registry/{name}/): {', '.join(presets) or '(none)'}\n")
+        listing = registry.listing()
+        width = max((len(n) for n, _ in listing), default=0)
+        lines = [name, *(f"  {n:<{width}}  {description}".rstrip() for n, description in listing)]
+        lines.append(f"  presets: {', '.join(preset_names(name)) or '(none)'}")
+        blocks.append("\n".join(lines))
+    if kind is None:
+        blocks.append(f"recipes: {', '.join(sorted(shipped_recipes()))}")
+    return "\n\n".join(blocks)
 
 
-def run(args: argparse.Namespace, console: Console) -> None:
+def run(args: argparse.Namespace) -> None:
     if args.command == "list":
-        cmd_list(args.kind, console)
+        print(list_text(args.kind))
     elif args.command == "bench":
         bench_cli.run(args)
     elif args.command == "generate":
         generate_cli.run_generate(args)
     elif args.command == "print-recipe":
+        from skipvision.recipe import load_recipe, to_yaml
+
         print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
     elif args.command == "flops":
+        from rich.console import Console
+
         from skipvision.paper import flops_table, paper_flops
 
-        console.print(flops_table(paper_flops(args.text_tokens, causal=args.causal)))
+        Console().print(flops_table(paper_flops(args.text_tokens, causal=args.causal)))
     elif args.command == "data":
         from skipvision.data.shapes import generate_shapes
 
         settings = {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "out")}
         meta = generate_shapes(args.out, **settings)
-        console.print(
+        print(
             f"wrote {meta['num_train']} train / {meta['num_val']} val samples in "
             f"{len(meta['train_shards']) + len(meta['val_shards'])} shards, and a tokenizer, to {args.out}"
         )
     else:
         from skipvision.lit import run as jobs
+        from skipvision.recipe import load_recipe
 
         cfg = load_recipe(args.recipe, args.overrides)
         if args.command == "fit":
@@ -130,11 +132,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (2 for a user error, printed as one line)."""
     args = make_parser().parse_args(argv)
-    console = Console()
     try:
-        run(args, console)
-    except USER_ERRORS as err:
-        print(f"skipvision {args.command}: error: {err}", file=sys.stderr)
+        run(args)
+    except SkipvisionError as err:
+        message = " ".join(str(err).split())  # one line, even for messages quoting multi-line text
+        print(f"skipvision {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

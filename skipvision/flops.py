@@ -1,4 +1,4 @@
-"""Analytic and measured FLOPs of a LLaMA-style decoder, with and without Skip-FFN (METHOD.md section 5).
+"""Analytic and measured FLOPs of a LLaMA-style decoder, with and without Skip-FFN (docs/method.md "Costs").
 
 Analytic model (matmuls only, a multiply-add counts 2 FLOPs, so an [m, k] x [k, n] product costs ``2*m*n*k``), for
 hidden ``d``, FFN width ``f``, ``h`` query heads and ``h_kv`` key/value heads of width ``hd``, vocabulary ``V``:
@@ -20,7 +20,7 @@ a fused SDPA kernel, whose backward recomputes ``Q K^T`` (five matmuls against t
 
 Measured FLOPs use ``torch.utils.flop_counter.FlopCounterMode``. Older registries lack the CPU SDPA kernels
 (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), so CPU attention counts 0 FLOPs there
-(ARCHITECTURE.md "Known pitfalls"; pytorch/pytorch#195460, seen on torch 2.13); torch 2.15 registers them.
+(pytorch/pytorch#195460, seen on torch 2.13); torch 2.15 registers them.
 :func:`flop_counter` always maps them to torch's own SDPA formulas, so the count is the same on every torch version.
 """
 
@@ -108,7 +108,7 @@ def analytic_forward_breakdown(
     logits_tokens: int | None = None,
     causal: bool = False,
 ) -> dict[str, int]:
-    """Forward matmul FLOPs by term: ``attn_proj``, ``attn_scores``, ``ffn``, ``lm_head`` (METHOD.md section 5).
+    """Forward matmul FLOPs by term: ``attn_proj``, ``attn_scores``, ``ffn``, ``lm_head``.
 
     ``seq_len`` tokens per sample (padded length: kernels compute on padding too); ``ffn_tokens`` tokens per sample
     run the FFN, one int for every layer or one per layer (``None`` = all, the plain model); ``logits_tokens`` tokens
@@ -155,7 +155,7 @@ def analytic_train_step_flops(
     weight_grads: bool = True,
     causal: bool = False,
 ) -> int:
-    """Forward + backward matmul FLOPs of one training step (METHOD.md section 5; rule in the module docstring).
+    """Forward + backward matmul FLOPs of one training step (rule in the module docstring).
 
     Linear layers: 3x forward with ``weight_grads`` (trainable weights), 2x without (frozen weights, gradient still
     flowing to the input, e.g. a frozen LLM under a trained projector). Attention scores: 3.5x forward with a fused

@@ -1,11 +1,10 @@
 """The vision-language model: encode -> project -> skip-vision tokens -> fill the ``<image>`` slots -> HF causal
 LM with Skip-FFN -> loss.
 
-ARCHITECTURE.md "Data flow", steps 2-3; METHOD.md section 2 (visual token pipeline: policy split, merge, summaries)
-and section 3 (Skip-FFN on the skipped slots; the text -> skipped masking ablation). No Lightning here: inference
-and unit tests use this module directly. The backbone is an unmodified transformers model, called with
-``inputs_embeds`` and explicit ``position_ids``; with the ``none`` policy its logits equal the plain HF model's on the
-same embeddings.
+The method: docs/method.md "Token pipeline" (policy split, merge, summaries), docs/method.md "Slot layout",
+docs/method.md "The Skip-FFN layer" and docs/method.md "Masking ablation". No Lightning here: inference and unit
+tests use this module directly. The backbone is an unmodified transformers model, called with ``inputs_embeds`` and
+explicit ``position_ids``; with the ``none`` policy its logits equal the plain HF model's on the same embeddings.
 """
 
 from __future__ import annotations
@@ -21,14 +20,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from skipvision.data.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from skipvision.encoders.base import VisionEncoder
+from skipvision.errors import SkipvisionError
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS
 from skipvision.skip.ffn import SkipFFN
 from skipvision.skip.masking import text_to_skipped_mask
 from skipvision.skip.visual import SkipVisionTokens, VisualTokens
 
 
-class ImageTokenMismatchError(ValueError):
+class ImageTokenMismatchError(SkipvisionError, ValueError):
     """The ``<image>`` slots in the token ids do not match the images given (per sample)."""
+
+
+class TokenizerError(SkipvisionError, ValueError):
+    """The tokenizer lacks a token the model needs (the image placeholder)."""
 
 
 @dataclass
@@ -107,7 +111,10 @@ class VisionLanguageModel(nn.Module):
         """
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if image_token_id is None or image_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"The tokenizer has no {image_token!r} token")
+            raise TokenizerError(
+                f"The tokenizer has no {image_token!r} token; add it as a special token (it marks where each image's "
+                "tokens go)"
+            )
         enc = ENCODERS.build(encoder)
         llm = BACKBONES.build(backbone, vocab_size=len(tokenizer))
         dim = llm.config.hidden_size
@@ -197,9 +204,9 @@ class VisionLanguageModel(nn.Module):
 
         ``logits_to_keep`` 1 computes the LM head at the last position only (prefill); 0 at every position.
 
-        With ``mask_text_to_skipped`` (METHOD.md section 3 ablation, off by default) and in training mode only, text
-        tokens do not attend to the skipped slots S, imitating the inference-time removal of their K/V (section 4);
-        visual slots still attend causally to everything. Eval mode (validation, prefill) keeps the paper's final
+        With ``mask_text_to_skipped`` (docs/method.md "Masking ablation", off by default) and in training mode only,
+        text tokens do not attend to the skipped slots S, imitating the inference-time removal of their K/V; visual
+        slots still attend causally to everything. Eval mode (validation, prefill) keeps the paper's final
         choice: text attends to S.
         """
         if self.skip_ffn is not None:

@@ -1,12 +1,12 @@
 """The paper's settings at full size: token counts, meta-device builds and LLM prefill FLOPs next to the paper's.
 
-METHOD.md section 2 gives each setting's token pipeline, section 5 the paper's efficiency claims. Here every setting
+The token pipeline is docs/method.md "Token pipeline", the FLOP model docs/method.md "Costs". Here every setting
 with a recipe (``recipes/paper-llava.yaml``, ``recipes/paper-llava15-7b.yaml``, ``recipes/paper-llava-hd.yaml``:
 thumbnail + 2 x 2 tiles) is built for real from that recipe,
 on the meta device (shapes only: no weights, no memory, no download), with the checkpoint specs swapped for the
 same-shape config presets (``clip-vit-l-336-config``, ``llama3-8b-config``, ``vicuna-7b-config``). Its token plan
 (N, N_r, N_s, summaries) is read off the built model and the LLM's dimensions off the built backbone's config.
-Settings without a recipe (Chain-of-Sight) take their token counts from METHOD.md section 2 and the
+Settings without a recipe (Chain-of-Sight) take the paper's token counts (see :data:`SETTINGS`) and the
 LLaMA3-8B shape from its config preset: "analytic from token counts", nothing is built.
 
 FLOPs of one sample's prefill (:func:`prefill_flops`), analytic with :mod:`skipvision.flops` (matmuls only):
@@ -22,7 +22,7 @@ Against the paper (``python -m skipvision flops``, 40 text tokens): LLaVA 27.8% 
 the LLaVA setting gives 23.0% with 1 text token and 25% near 16; the paper states neither its text length nor
 whether the vision encoder is counted (with it, 30.9% at 40 text tokens). LLaVA-HD does not reproduce: with all
 2880 tokens at full compute as the baseline, token counts alone give about 24%, so the paper's 50% must rest on
-another baseline or accounting that METHOD.md does not record.
+another baseline or accounting, which we have not identified.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class PaperSetting:
 
     key: str
     title: str
-    paper_share: float | None  # the paper's inference FLOPs, Skip-Vision / full model (METHOD.md section 5)
+    paper_share: float | None  # the paper's inference FLOPs, Skip-Vision / full model
     recipe: str | None = None  # a recipe name under recipes/ (built on the meta device)
     meta_overrides: tuple[str, ...] = ()  # same-shape config presets in place of the recipe's checkpoints
     plan: TokenPlan | None = None  # token counts of a setting without a recipe
@@ -249,9 +249,9 @@ def flops_table(rows: Sequence[FlopsRow]) -> Table:
         title_justify="left",
         caption="LLM: analytic matmul FLOPs (skipvision.flops), logits for the last token only, attention scores "
         f"over {scores}. Slots: R retained + S skipped (attention only, no FFN) + summary tokens. paper: the "
-        "paper's inference FLOPs share (METHOD.md section 5). vision: encoder + projector per image "
+        "paper's inference FLOPs share (docs/method.md \"Costs\"). vision: encoder + projector per image "
         "(FlopCounterMode), the same in both models. Settings built from their recipes on the meta device, except "
-        f"* {ANALYTIC} (METHOD.md section 2), LLaMA3-8B shape.",
+        f"* {ANALYTIC} (the paper's counts, LLaMA3-8B shape).",
         caption_justify="left",
         box=box.SIMPLE_HEAVY,
         pad_edge=False,

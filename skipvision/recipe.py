@@ -5,6 +5,11 @@ full path, close matches and the valid keys at that level; wrong types fail with
 specs (``model.encoder`` ...) are free-form here and validated by the registry against the builder's signature.
 Merging rule for component specs: when an override names a different ``name``/``preset``, it replaces the spec
 instead of merging into it (so switching ``timm`` -> ``hf_clip`` does not inherit timm's arguments).
+
+Harness sections are defined by the harness that reads them and only placed here: ``data.shapes`` is
+:class:`skipvision.data.shapes.ShapesSettings` (the synthetic data generator), ``bench`` is
+:class:`skipvision.bench.settings.BenchSettings` (the side-by-side benchmark). Their keys are validated like the
+core ones.
 """
 
 from __future__ import annotations
@@ -19,32 +24,20 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+from skipvision.bench.settings import BenchSettings
+from skipvision.data.shapes import ShapesSettings
+from skipvision.errors import SkipvisionError
+from skipvision.resources import shipped_recipes
 
 
-class RecipeError(ValueError):
+class RecipeError(SkipvisionError, ValueError):
     """A recipe could not be loaded or validated; the message names the key or file."""
-
-
-@dataclass
-class ShapesConfig:
-    """Synthetic shapes VQA generated into ``data.root`` on first use (skipvision.data.shapes)."""
-
-    generate: bool = True
-    num_train: int = 20000
-    num_val: int = 1000
-    image_size: int = 64
-    seed: int = 0
-    shard_size: int = 1000
-    vocab_size: int = 512
-    train_questions: int = 1  # question turns per training image (validation always asks one)
-    train_describe: bool = False  # append a caption turn ("red circle, blue square") to training images
 
 
 @dataclass
 class DataConfig:
     root: str = "data/shapes"
-    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    shapes: ShapesSettings = field(default_factory=ShapesSettings)  # generated into root on first use
     train_shards: str | None = None  # brace pattern or glob; default: <root>/train/*.tar
     val_shards: str | None = None  # default: <root>/val/*.tar
     tokenizer: str | None = None  # default: <root>/tokenizer
@@ -59,14 +52,14 @@ class DataConfig:
 
 @dataclass
 class SkipConfig:
-    """Skip-Vision (METHOD.md sections 2-3). The ``none`` policy is the full model."""
+    """Skip-Vision (docs/method.md "Token pipeline"). The ``none`` policy is the full model."""
 
     policy: Any = "none"  # none | uniform | attention_score | router (with num_retained or retain_ratio)
     compressor: Any = "token_merge"  # token_merge | avg_pool | identity
     num_skipped: int | None = None  # N_s, the merged size of the skipped group; None: no merge
     summary_tokens: bool = True  # s_R and s_S
     layers: list[int] | None = None  # decoder layers that skip the FFN; None: all
-    mask_text_to_skipped: bool = False  # ablation: text cannot attend to S in training (METHOD.md s. 3)
+    mask_text_to_skipped: bool = False  # text cannot attend to S in training (docs/method.md "Masking ablation")
 
 
 @dataclass
@@ -122,22 +115,7 @@ class CheckpointConfig:
 class EvalConfig:
     max_new_tokens: int = 4
     generate: bool = True  # greedy-decode answers during validation for answer accuracy
-    drop_kv: bool = True  # decode with the skipped K/V removed after prefill (METHOD.md section 4); false to compare
-
-
-@dataclass
-class BenchConfig:
-    """``python -m skipvision bench``: variants of this recipe measured side by side (skipvision/bench/)."""
-
-    baseline: str = "full"  # the variant every ratio is taken against
-    variants: dict[str, list[str]] = field(default_factory=lambda: {"full": ["model.skip.policy=none"]})
-    weights_from: dict[str, str] = field(default_factory=dict)  # training-free variants use another's weights
-    train_batch: int = 8  # samples per timed training step
-    decode_batches: list[int] = field(default_factory=lambda: [1, 16])
-    decode_tokens: int = 16  # generated tokens per decode measurement
-    warmup: int = 2  # untimed repetitions per measurement
-    repeats: int = 5  # timed repetitions (median); variants take turns so noise hits them alike
-    val_samples: int = 200  # validation questions for answer accuracy
+    drop_kv: bool = True  # decode with S removed from the KV cache (docs/method.md "KV removal"); false to compare
 
 
 @dataclass
@@ -152,19 +130,24 @@ class Recipe:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
+    bench: BenchSettings = field(default_factory=BenchSettings)
 
 
 def find_recipe(recipe: str | Path) -> Path:
-    """A recipe path, or a bare name looked up in the repository's recipes/ folder."""
+    """A recipe file, or the name of a shipped recipe (``shapes-tiny``; skipvision/resources.py)."""
     path = Path(recipe)
     if path.is_file():
         return path
-    named = RECIPE_DIR / f"{recipe}.yaml"
-    if named.is_file():
-        return named
-    available = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-    raise RecipeError(f"Recipe {str(recipe)!r} not found. Recipes in {RECIPE_DIR}: {', '.join(available)}")
+    shipped = shipped_recipes()
+    if str(recipe) in shipped:
+        return shipped[str(recipe)]
+    names = sorted(shipped)
+    close = difflib.get_close_matches(str(recipe), names, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise RecipeError(
+        f"Recipe {str(recipe)!r} not found: no such file, and no shipped recipe by that name.{hint} "
+        f"Shipped recipes: {', '.join(names)}."
+    )
 
 
 def _read_with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

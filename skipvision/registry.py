@@ -1,8 +1,12 @@
-"""Named component registries, presets and plugin loading (ARCHITECTURE.md "Registry").
+"""Named component registries, presets and plugin loading (docs/design.md "Registry").
 
 A component (vision encoder, projector, LLM backbone, ...) is a builder function or class registered under a
 name. A recipe refers to it with a *spec*: ``{name: timm, model_name: vit_base_patch16_224, ...}``, a bare
-name, or a *preset*, a small YAML file under ``registry/<kind>/<preset>.yaml`` that holds such a spec.
+name, or a *preset*, a small YAML file under ``registry/<kind>/<preset>.yaml`` that holds such a spec (shipped
+inside the package, skipvision/resources.py; ``$SKIPVISION_PRESET_PATH`` adds folders).
+
+Built-in components are imported on first use (they pull in torch), but each registry also holds a *catalogue* of
+its built-ins' names and descriptions, so ``skipvision list`` answers without importing them (docs/cli.md "Startup").
 
 Every component declares a tiny, download-free configuration (``tiny=``) that tests build automatically, so
 registering a component adds it to the test matrix. Third-party packages register components through the
@@ -23,12 +27,14 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from skipvision.errors import MissingFileError, SkipvisionError
+from skipvision.resources import shipped_presets
+
 PLUGIN_GROUP = "skipvision.plugins"
 PRESET_PATH_ENV = "SKIPVISION_PRESET_PATH"
-BUILTIN_PRESET_DIR = Path(__file__).resolve().parent.parent / "registry"
 
 
-class RegistryError(ValueError):
+class RegistryError(SkipvisionError, ValueError):
     """A registry lookup or build failed; the message names the culprit and the valid choices."""
 
 
@@ -56,11 +62,14 @@ class Registry:
     """A mapping from names to component builders of one kind.
 
     ``builtins`` names the module that registers this kind's built-in components; it is imported on first use,
-    so ``import skipvision.registry`` stays light.
+    so ``import skipvision.registry`` stays light. ``catalogue`` maps each built-in's name to its description:
+    :meth:`listing` reads it instead of importing the built-ins, and it is their :attr:`Entry.description`
+    (a test checks that it names exactly the components the built-in module registers).
     """
 
-    def __init__(self, kind: str, builtins: str | None = None) -> None:
+    def __init__(self, kind: str, builtins: str | None = None, catalogue: Mapping[str, str] | None = None) -> None:
         self.kind = kind
+        self.catalogue = dict(catalogue or {})
         self._builtins = builtins
         self._entries: dict[str, Entry] = {}
 
@@ -72,8 +81,8 @@ class Registry:
         def decorator(builder: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries and self._entries[name].builder is not builder:
                 raise RegistryError(f"{self.kind} {name!r} is already registered by {self._entries[name].builder}")
-            doc = inspect.getdoc(builder) or ""
-            self._entries[name] = Entry(name, builder, dict(tiny or {}), doc.split("\n", 1)[0])
+            description = self.catalogue.get(name) or (inspect.getdoc(builder) or "").split("\n", 1)[0]
+            self._entries[name] = Entry(name, builder, dict(tiny or {}), description)
             return builder
 
         return decorator
@@ -89,6 +98,11 @@ class Registry:
 
     def entries(self) -> list[Entry]:
         return [self._entries[n] for n in self.names()]
+
+    def listing(self) -> list[tuple[str, str]]:
+        """(name, description) of every component, sorted by name, without importing the built-ins."""
+        described = {**self.catalogue, **{e.name: e.description for e in self._entries.values()}}
+        return sorted(described.items())
 
     def get(self, name: str) -> Entry:
         self._load()
@@ -111,7 +125,9 @@ class Registry:
         """Build a component from a spec; ``wiring`` holds arguments the framework supplies (sizes, tokenizer),
         ``optional`` those it supplies only to builders that take them (e.g. a learned policy's width).
 
-        Unknown arguments fail against the builder's signature before anything is built.
+        Unknown arguments fail against the builder's signature before anything is built. A file the builder does
+        not find is one the spec named (a checkpoint, a model folder): it becomes a :class:`MissingFileError`
+        naming the component.
         """
         spec = resolve_spec(self, spec)
         name = spec.pop("name")
@@ -123,7 +139,10 @@ class Registry:
             raise RegistryError(f"{self.kind} {name!r}: {', '.join(clash)} is set by the framework, not the recipe")
         kwargs = {**spec, **wiring}
         check_arguments(f"{self.kind} {name!r}", entry.builder, kwargs)
-        return entry.builder(**kwargs)
+        try:
+            return entry.builder(**kwargs)
+        except FileNotFoundError as err:
+            raise MissingFileError(f"{self.kind} {name!r}: {err}") from err
 
 
 def check_arguments(what: str, fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
@@ -144,25 +163,27 @@ def check_arguments(what: str, fn: Callable[..., Any], kwargs: Mapping[str, Any]
 # --- presets ------------------------------------------------------------------------------------------------
 
 
-def preset_dirs() -> list[Path]:
-    """Folders searched for ``<kind>/<preset>.yaml``: $SKIPVISION_PRESET_PATH entries, then the built-in one."""
+def preset_files(kind: str) -> dict[str, Path]:
+    """Every preset of a kind by name: the shipped ones, overridden by those in the folders of
+    ``$SKIPVISION_PRESET_PATH`` (``<folder>/<kind>/<preset>.yaml``; earlier folders win)."""
+    found = shipped_presets(kind)
     extra = [Path(p) for p in os.environ.get(PRESET_PATH_ENV, "").split(os.pathsep) if p]
-    return [*extra, BUILTIN_PRESET_DIR]
+    for folder in reversed(extra):
+        found.update({p.stem: p for p in (folder / kind).glob("*.yaml")})
+    return found
 
 
 def preset_names(kind: str) -> list[str]:
-    names = {p.stem for d in preset_dirs() for p in (d / kind).glob("*.yaml")}
-    return sorted(names)
+    return sorted(preset_files(kind))
 
 
 def load_preset(kind: str, preset: str) -> dict[str, Any]:
-    for d in preset_dirs():
-        path = d / kind / f"{preset}.yaml"
-        if path.is_file():
-            spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-            if not isinstance(spec, dict) or "name" not in spec:
-                raise RegistryError(f"Preset {path} must be a mapping with a 'name' key")
-            return spec
+    path = preset_files(kind).get(preset)
+    if path is not None:
+        spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise RegistryError(f"Preset {path} must be a mapping with a 'name' key")
+        return spec
     names = preset_names(kind)
     raise RegistryError(
         f"Unknown {kind} preset {preset!r}.{_suggest(preset, names)} {kind} presets: {', '.join(names) or '(none)'}."
@@ -224,11 +245,49 @@ def load_entry_point_plugins() -> list[str]:
     return loaded
 
 
-ENCODERS = Registry("encoder", builtins="skipvision.encoders")
-PROJECTORS = Registry("projector", builtins="skipvision.projectors")
-BACKBONES = Registry("backbone", builtins="skipvision.backbones")
-
-COMPRESSORS = Registry("compressor", builtins="skipvision.compressors")
-SKIP_POLICIES = Registry("skip_policy", builtins="skipvision.skip.policies")
+ENCODERS = Registry(
+    "encoder",
+    builtins="skipvision.encoders",
+    catalogue={
+        "timm": "any timm model; features of block feature_layer, prefix tokens dropped, later blocks pruned",
+        "hf_clip": "HF CLIP vision tower from a config dict or a local path (a full CLIP folder works); CLS dropped",
+        "hf_siglip": "HF SigLIP vision tower from a config dict or a local path; it has no CLS token",
+    },
+)
+PROJECTORS = Registry(
+    "projector",
+    builtins="skipvision.projectors",
+    catalogue={
+        "mlp2x_gelu": "two-layer MLP with GELU, as in LLaVA-1.5",
+        "linear": "a single linear map, as in the original LLaVA",
+    },
+)
+BACKBONES = Registry(
+    "backbone",
+    builtins="skipvision.backbones",
+    catalogue={"hf_causal_lm": "any AutoModelForCausalLM from a config dict (with model_type) or a local path"},
+)
+COMPRESSORS = Registry(
+    "compressor",
+    builtins="skipvision.compressors",
+    catalogue={
+        "token_merge": "bipartite mean merge of the skip candidates to N_s tokens, destinations in spatial order",
+        "avg_pool": "adaptive average pooling of the skip candidates to N_s tokens, in their given order",
+        "identity": "no merge: the skip candidates unchanged",
+    },
+)
+SKIP_POLICIES = Registry(
+    "skip_policy",
+    builtins="skipvision.skip.policies",
+    catalogue={
+        "none": "the full model: every token retained, nothing merged or skipped",
+        "uniform": "retains N_r evenly spread raster positions",
+        "attention_score": "retains the top N_r by the encoder's [CLS] attention (mean-similarity fallback)",
+        "router": "retains the top N_r by a learned score, with an auxiliary loss",
+        "prefix": "retains the first N_r tokens (the LLaVA-HD thumbnail)",
+        "merge_only": "peer: merges all N tokens to num_tokens, every one with FFN (compression only)",
+        "fastv": "peer: training-free FastV, drops the least-attended image tokens from layer K on",
+    },
+)
 
 REGISTRIES: dict[str, Registry] = {r.kind: r for r in (ENCODERS, PROJECTORS, BACKBONES, COMPRESSORS, SKIP_POLICIES)}

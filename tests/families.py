@@ -38,7 +38,8 @@ def eager_twin(model: nn.Module) -> nn.Module:
 def windows(model: nn.Module) -> list[int | None]:
     """Per decoder layer: its sliding window, or None for full attention (read from the config, not the adapter)."""
     types, kwargs = get_layer_types_and_kwargs(model.config)
-    return [kw.get("sliding_window") if kind == "sliding_attention" else None for kind, kw in zip(types, kwargs)]
+    pairs = zip(types, kwargs, strict=True)
+    return [kw.get("sliding_window") if kind == "sliding_attention" else None for kind, kw in pairs]
 
 
 def allowed(positions: torch.Tensor, valid: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Token compressors (C -> S) and summary tokens (METHOD.md section 2). Tiny CPU tensors only."""
+"""Token compressors (C -> S) and summary tokens (docs/method.md "Token pipeline"). Tiny CPU tensors only."""
 
 from __future__ import annotations
 

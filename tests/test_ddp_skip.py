@@ -1,4 +1,6 @@
-"""DDP + Skip-FFN with ranks that keep different numbers of FFN rows, zero included (METHOD.md section 3; USERS.md 6).
+"""DDP + Skip-FFN with ranks that keep different numbers of FFN rows, zero included.
+
+docs/method.md "The Skip-FFN layer": the FFN is called even with zero kept rows.
 
 Guards against the classic conditional-compute failure: if a rank whose plan keeps no FFN rows skipped calling the
 MLP, its MLP parameters would get no gradient, DDP's gradient buckets would never be ready on that rank and the

@@ -79,7 +79,9 @@ def test_skip_ffn_equals_the_two_stream_reference(family: str) -> None:
     layers = adapter_for(model.config).layers(model)
     rows: list[int] = []
     first_linears = [next(m for m in layer.mlp.modules() if isinstance(m, nn.Linear)) for layer in layers]
-    counting = [lin.register_forward_pre_hook(lambda _m, a: rows.append(a[0].shape[:-1].numel())) for lin in first_linears]
+    counting = [
+        lin.register_forward_pre_hook(lambda _m, a: rows.append(a[0].shape[:-1].numel())) for lin in first_linears
+    ]
     with torch.no_grad(), SkipFFN(model) as skip:
         skip.set_plan(plan)
         ours = model(input_ids=ids, attention_mask=mask).logits
@@ -123,7 +125,9 @@ def decode(model, ids, mask, keep: torch.Tensor | None, steps: int = STEPS):
         key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], 1)
         masks = decode_masks(adapter, cache, probe, next_pos, key_pos, key_mask)
         with torch.no_grad():
-            step = model(input_ids=token[:, None], attention_mask=masks, position_ids=next_pos, cache=cache, use_cache=True)
+            step = model(
+                input_ids=token[:, None], attention_mask=masks, position_ids=next_pos, cache=cache, use_cache=True
+            )
         logits.append(step.logits[:, -1])
         token = step.logits[:, -1].argmax(-1)
         next_pos = next_pos + 1

@@ -1,4 +1,4 @@
-"""Compression-only peer (METHOD.md section 6): every image merged to N_r + N_s tokens, all with full compute."""
+"""Compression-only peer (docs/method.md "Peers"): every image merged to N_r + N_s tokens, all with full compute."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The paper's full-size settings: recipes load, build on the meta device with the exact token counts, and give
-the prefill FLOPs shares that ``python -m skipvision flops`` prints (METHOD.md sections 2 and 5).
+the prefill FLOPs shares that ``python -m skipvision flops`` prints (docs/method.md "Costs").
 
 Nothing is downloaded and nothing is materialised: CLIP ViT-L/14-336, LLaMA3-8B and Vicuna-7B are built on the meta
 device from same-shape config presets swapped in for the recipes' checkpoints.
@@ -106,7 +106,7 @@ def test_analytic_prefill_matches_flop_counter_on_the_meta_full_size_backbone() 
 
 def test_llava_setting_share_against_the_paper() -> None:
     """Our analytic LLM prefill share for the LLaVA setting (LLaMA3-8B, 40 text tokens + 1 image, logits for the
-    last token, full T x T score square) is 0.278: 2.45 of 8.80 TFLOPs. The paper reports 25% (METHOD.md section 5).
+    last token, full T x T score square) is 0.278: 2.45 of 8.80 TFLOPs. The paper reports 25%.
 
     The gap is the prompt: text tokens run the FFN in both models, so the share grows with the text length (0.230 with
     1 text token, 0.25 near 16, 0.278 at 40). The paper states neither its text length nor whether the vision
@@ -128,7 +128,7 @@ def test_all_settings_shares() -> None:
     built from its recipe (thumbnail + 2 x 2 tiles).
 
     LLaVA-HD does not reproduce the paper's 50%: with all 2880 visual tokens at full compute as the baseline, token
-    counts give 0.241 (see skipvision/paper.py); the paper's baseline for that figure is not recorded in METHOD.md.
+    counts give 0.241 (see skipvision/paper.py); we have not identified the paper's baseline for that figure.
     """
     rows = {r.setting.key: r for r in paper_flops()}
     assert list(rows) == [s.key for s in SETTINGS]

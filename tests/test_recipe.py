@@ -97,3 +97,24 @@ def test_inline_component_specs_do_not_inherit_schema_defaults(tmp_path: Path) -
     path.write_text("model:\n  encoder: vit-shapes-tiny\n")
     with pytest.raises(RecipeError, match="Recipe key 'model.backbone' is required"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "bench.repeat=3",
+            "Unknown recipe key 'bench.repeat'. Did you mean: repeats? Valid keys under 'bench': baseline, variants,",
+        ),
+        (
+            "data.shapes.num_trian=3",
+            "Unknown recipe key 'data.shapes.num_trian'. Did you mean: num_train, num_val? Valid keys under "
+            "'data.shapes': generate, num_train,",
+        ),
+    ],
+)
+def test_harness_sections_reject_unknown_keys_like_the_core(override: str, expected: str) -> None:
+    """``bench`` and ``data.shapes`` are defined by their harnesses but validated with the same one-line message."""
+    with pytest.raises(RecipeError) as err:
+        load_recipe("shapes-tiny", [override])
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)

@@ -10,7 +10,7 @@ import pytest
 
 from skipvision import registry as reg
 from skipvision.cli import main
-from skipvision.registry import ENCODERS, PROJECTORS, Registry, RegistryError
+from skipvision.registry import ENCODERS, PROJECTORS, REGISTRIES, Registry, RegistryError
 
 
 def test_unknown_name_lists_close_matches_and_all_names() -> None:
@@ -105,3 +105,22 @@ def test_cli_list_shows_components_and_presets(capsys) -> None:
     for name in ("timm", "hf_clip", "hf_siglip", "mlp2x_gelu", "linear", "hf_causal_lm"):
         assert name in out
     assert "vit-shapes-tiny" in out and "llama-shapes-tiny" in out
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTRIES))
+def test_catalogue_names_exactly_the_builtin_components(kind: str) -> None:
+    """``list`` reads the catalogue instead of importing the built-ins, so it must not drift from them."""
+    registry = REGISTRIES[kind]
+    builtins = sorted(e.name for e in registry.entries() if e.builder.__module__.startswith("skipvision."))
+    assert builtins == sorted(registry.catalogue)
+    assert all(registry.get(name).description == text for name, text in registry.catalogue.items())
+
+
+def test_presets_from_the_preset_path_override_shipped_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "encoder" / "vit-shapes-tiny.yaml").write_text("name: hf_clip\n")
+    shipped = reg.preset_files("encoder")["vit-shapes-tiny"]
+    assert shipped.name == "vit-shapes-tiny.yaml" and reg.load_preset("encoder", "vit-shapes-tiny")["name"] == "timm"
+    monkeypatch.setenv(reg.PRESET_PATH_ENV, str(tmp_path))
+    assert reg.preset_files("encoder")["vit-shapes-tiny"] == tmp_path / "encoder" / "vit-shapes-tiny.yaml"
+    assert reg.load_preset("encoder", "vit-shapes-tiny") == {"name": "hf_clip"}

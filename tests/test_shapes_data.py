@@ -20,9 +20,11 @@ from skipvision.data.shapes import (
     NUMBER_WORDS,
     QUESTION_TYPES,
     SHAPES,
+    ShapesSettings,
     dataset_is_complete,
     generate_shapes,
     make_sample,
+    settings_mismatch,
 )
 from skipvision.data.tokenizer import IMAGE_TOKEN, load_tokenizer, train_tokenizer
 
@@ -232,3 +234,24 @@ def test_cli_data_shapes_writes_a_dataset_and_refuses_to_clobber(tmp_path: Path,
     assert dataset_is_complete(tmp_path / "ds")
     assert main(args) == 2
     assert "is not empty; pass overwrite=True" in capsys.readouterr().err
+
+
+def test_shapes_settings_are_defined_once() -> None:
+    """The recipe's data.shapes defaults and the ``data shapes`` command's defaults are ShapesSettings' own."""
+    from omegaconf import OmegaConf
+
+    from skipvision.cli import make_parser
+    from skipvision.recipe import Recipe
+
+    assert OmegaConf.to_object(OmegaConf.structured(Recipe).data.shapes) == ShapesSettings()
+    args = vars(make_parser().parse_args(["data", "shapes", "--out", "x"]))
+    assert args == {"command": "data", "data_command": "shapes", "out": "x"}  # the generator fills the rest
+
+
+def test_settings_mismatch_names_what_differs_and_reads_old_meta_as_defaults() -> None:
+    meta = {"num_train": 8, "num_val": 4, "seed": 0, "image_size": 64, "shard_size": 1000}  # before train_questions
+    wanted = ShapesSettings(num_train=9, num_val=4)
+    assert settings_mismatch(meta, wanted) == {"num_train": (8, 9)}
+    assert settings_mismatch(meta, ShapesSettings(num_train=8, num_val=4, train_questions=2)) == {
+        "train_questions": (1, 2)
+    }

@@ -1,5 +1,5 @@
-"""Skip policies split the visual tokens as METHOD.md section 2 says; encoders give the paper's [CLS] attention scores
-without materialising the attention map (USERS.md item 2)."""
+"""Skip policies split the visual tokens as docs/method.md "Policies" says; encoders give the paper's [CLS] attention
+scores without materialising the attention map."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Side-by-side benchmark of a recipe's variants: full model, Skip-Vision and peer methods (METHOD.md sections 5-6)."""
+"""Side-by-side benchmark of a recipe's variants: full model, Skip-Vision and peer methods (docs/method.md "Peers")."""

@@ -10,6 +10,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from skipvision.errors import MissingFileError
 from skipvision.recipe import RecipeError, load_recipe
 
 
@@ -35,7 +36,7 @@ def parse_checkpoints(items: list[str]) -> dict[str, str]:
         if not sep or not name or not path:
             raise RecipeError(f"--checkpoint {item!r} is not of the form VARIANT=PATH")
         if not Path(path).is_file():
-            raise FileNotFoundError(f"--checkpoint {name}: no checkpoint at {path}")
+            raise MissingFileError(f"--checkpoint {name}: no checkpoint at {path}")
         pairs[name] = path
     return pairs
 

@@ -1,4 +1,4 @@
-"""The analytic (ideal) cost of each variant, from its token plan and the LLM's shape (METHOD.md section 5).
+"""The analytic (ideal) cost of each variant, from its token plan and the LLM's shape (docs/method.md "Costs").
 
 Matmul FLOPs as in :mod:`skipvision.flops`. What each variant computes:
 

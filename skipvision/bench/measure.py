@@ -1,5 +1,5 @@
 """What the benchmark measures on one built model: training step time and peak memory, prefill FLOPs, time to first
-token, decode ms/token, KV-cache bytes (METHOD.md section 5, "what to measure").
+token, decode ms/token, KV-cache bytes (docs/benchmarks.md).
 
 Every function takes the model and a batch that is identical across variants (same samples, same seed); the
 runner (:mod:`.runner`) interleaves the variants' repetitions so that machine noise hits them alike. Timing
@@ -111,8 +111,8 @@ def generation_fn(model: VisionLanguageModel, batch: dict[str, Any], rows: int, 
 
 def hooked_copy(model: VisionLanguageModel) -> VisionLanguageModel:
     """A copy of a full (``none`` policy) model with Skip-FFN hooks on every layer and a keep-everything plan: the
-    hook machinery's own cost, since the plan changes nothing (METHOD.md section 3; the ``none`` policy itself
-    attaches no hooks)."""
+    hook machinery's own cost, since the plan changes nothing (docs/method.md "The Skip-FFN layer"; the ``none``
+    policy itself attaches no hooks)."""
     twin = copy.deepcopy(model)
     skip = SkipFFN(twin.backbone).attach()
     plain_run = twin.run_backbone

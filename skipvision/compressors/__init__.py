@@ -1,4 +1,4 @@
-"""Token compressors: shrink the skipped candidate group C to N_s tokens (METHOD.md section 2)."""
+"""Token compressors: shrink the skipped candidate group C to N_s tokens (docs/method.md "Token pipeline")."""
 
 from skipvision.compressors import pooling, token_merge
 

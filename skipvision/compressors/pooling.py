@@ -1,4 +1,7 @@
-"""Simple alternatives to token merge for C -> S (METHOD.md section 2): average pooling and no compression."""
+"""Simple alternatives to token merge for C -> S: average pooling and no compression.
+
+Where they enter the method: docs/method.md "Token pipeline", step 4.
+"""
 
 from __future__ import annotations
 

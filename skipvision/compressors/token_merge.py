@@ -1,4 +1,6 @@
-"""Bipartite mean token merge: the paper's compressor for the skipped candidate group C -> S (METHOD.md section 2).
+"""Bipartite mean token merge: the paper's compressor for the skipped candidate group C -> S.
+
+The method is in docs/method.md "Token pipeline", step 4.
 
 Tokens are matched by cosine similarity: the ``r = n - n_out`` most redundant tokens (largest row sum of the
 similarity matrix with a zeroed diagonal) are *sources*, the others *destinations*. Each source is averaged into its
@@ -74,7 +76,7 @@ def merge_tokens(x: Tensor, num_out: int) -> Tensor:
 
 @COMPRESSORS.register("token_merge", tiny={})
 class TokenMerge(nn.Module):
-    """Bipartite mean token merge with destinations in spatial order (METHOD.md section 2); no parameters."""
+    """Bipartite mean token merge with destinations in spatial order; no parameters."""
 
     def forward(self, x: Tensor, num_out: int) -> Tensor:
         """[B, n, D] -> [B, num_out, D]."""

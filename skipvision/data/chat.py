@@ -1,4 +1,4 @@
-"""Chat template and tokenisation with answer-only labels (ARCHITECTURE.md "Data flow", step 1).
+"""Chat template and tokenisation with answer-only labels (docs/method.md "Slot layout").
 
 Layout of a conversation (LLaVA-v1 style, one line per turn)::
 
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from skipvision.errors import SkipvisionError
+
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 USER_PREFIX = "USER: "
@@ -24,7 +26,7 @@ ASSISTANT_PREFIX = "\nASSISTANT:"
 TURN_SEPARATOR = "\n"
 
 
-class ConversationError(ValueError):
+class ConversationError(SkipvisionError, ValueError):
     """A conversation is malformed or its ``<image>`` placeholders do not match its images."""
 
 

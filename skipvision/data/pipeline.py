@@ -1,4 +1,4 @@
-"""WebDataset pipeline: shards -> decoded, tokenised samples -> batches (ARCHITECTURE.md "Data flow").
+"""WebDataset pipeline: shards -> decoded, tokenised samples -> batches (docs/design.md "Data").
 
 Training streams resampled shards (an endless stream, seeded per rank and worker, so a restarted job neither
 repeats nor skips a fixed stretch of data) or, with ``resampled=False``, shuffled shard epochs split by node and
@@ -28,12 +28,13 @@ from transformers import PreTrainedTokenizerBase
 
 from skipvision.data.chat import encode_conversation
 from skipvision.data.collate import collate
+from skipvision.errors import SkipvisionError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 
-class DataError(RuntimeError):
+class DataError(SkipvisionError, RuntimeError):
     """A sample or shard could not be used; the message names the file and the sample."""
 
 

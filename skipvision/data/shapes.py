@@ -9,23 +9,29 @@ drawn uniformly and yes/no answers are balanced, so no prior-only shortcut score
 Everything derives from ``random.Random(seed)``: the same seed gives the same samples. Samples are
 stored LLaVA-style in WebDataset tar shards; the json also keeps the scene (``objects``) so answers
 can be checked.
+
+:class:`ShapesSettings` is the one definition of the generator's settings and their defaults: it is a recipe's
+``data.shapes`` section, the defaults of ``python -m skipvision data shapes`` and the arguments of
+:func:`generate_shapes`. This module imports webdataset and the tokenizer (both pull in torch) only when it writes
+a dataset, so the recipe schema and the CLI can read the settings cheaply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import random
 import shutil
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from PIL import Image, ImageDraw
 
-from skipvision.data.tokenizer import TEMPLATE_TEXTS, train_tokenizer
+from skipvision.errors import OutputExistsError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -43,6 +49,25 @@ MAX_OBJECTS = 4
 META_VERSION = 1
 # Seed offset for the val split so it never repeats train samples.
 VAL_SEED_OFFSET = 1_000_003
+
+
+@dataclass
+class ShapesSettings:
+    """How the synthetic set is generated (a recipe's ``data.shapes`` section; see the module docstring)."""
+
+    generate: bool = True  # recipe only: fit/validate generate the set into data.root when it is missing
+    num_train: int = 20000
+    num_val: int = 1000
+    image_size: int = 64
+    seed: int = 0
+    shard_size: int = 1000
+    vocab_size: int = 512
+    train_questions: int = 1  # question turns per training image (validation always asks one)
+    train_describe: bool = False  # append a caption turn ("red circle, blue square") to training images
+
+
+# The settings a generated set records in its meta.json, so a recipe can tell whether the set on disk is its own.
+RECORDED_SETTINGS = ("num_train", "num_val", "seed", "image_size", "shard_size", "train_questions", "train_describe")
 
 Scene = list[dict[str, Any]]
 
@@ -196,6 +221,8 @@ def write_split(
     Returns the shard paths relative to ``out_dir`` (e.g. ``"train/shapes-train-000000.tar"``), in order.
     Tar member mtimes are fixed so the same seed gives byte-identical shards.
     """
+    import webdataset as wds
+
     split_dir = Path(out_dir) / split
     split_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -229,49 +256,41 @@ def _conversation_texts(root: Path, shards: list[str]) -> list[str]:
 
 
 def generate_shapes(
-    out_dir: str | Path,
-    num_train: int = 20000,
-    num_val: int = 1000,
-    seed: int = 0,
-    image_size: int = 64,
-    shard_size: int = 1000,
-    vocab_size: int = 512,
-    train_questions: int = 1,
-    train_describe: bool = False,
-    overwrite: bool = False,
+    out_dir: str | Path, settings: ShapesSettings | None = None, *, overwrite: bool = False, **changes: Any
 ) -> dict[str, Any]:
     """Generate train/val shards, a tokenizer (``out_dir/tokenizer``) and ``out_dir/meta.json``.
 
-    Training images carry up to ``train_questions`` question turns each (more supervision per image forward),
-    plus a caption turn with ``train_describe``; validation samples ask one question, so accuracy per question
-    type stays clean.
+    ``settings`` (default :class:`ShapesSettings`) with single fields replaced by ``changes`` (``num_train=64``);
+    ``settings.generate`` is the recipe's business and ignored here. Training images carry up to
+    ``train_questions`` question turns each (more supervision per image forward), plus a caption turn with
+    ``train_describe``; validation samples ask one question, so accuracy per question type stays clean.
 
     Everything is written to a temporary sibling folder that is renamed into place at the end, so an
     interrupted run never leaves a dataset that :func:`dataset_is_complete` accepts. An existing empty
-    ``out_dir`` is replaced; a non-empty one raises ``FileExistsError`` unless ``overwrite`` is set.
+    ``out_dir`` is replaced; a non-empty one raises :class:`OutputExistsError` (a ``FileExistsError``) unless
+    ``overwrite`` is set.
     Returns the meta dict.
     """
+    from skipvision.data.tokenizer import TEMPLATE_TEXTS, train_tokenizer
+
+    s = dataclasses.replace(settings or ShapesSettings(), **changes)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to regenerate the shapes dataset")
+        raise OutputExistsError(
+            f"{out_dir} is not empty; pass overwrite=True (--overwrite) to regenerate the shapes dataset"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         train_shards = write_split(
-            tmp, "train", num_train, seed, image_size, shard_size, train_questions, train_describe
+            tmp, "train", s.num_train, s.seed, s.image_size, s.shard_size, s.train_questions, s.train_describe
         )
-        val_shards = write_split(tmp, "val", num_val, seed + VAL_SEED_OFFSET, image_size, shard_size)
+        val_shards = write_split(tmp, "val", s.num_val, s.seed + VAL_SEED_OFFSET, s.image_size, s.shard_size)
         texts = _conversation_texts(tmp, train_shards) + list(TEMPLATE_TEXTS)
-        train_tokenizer(texts, tmp / "tokenizer", vocab_size=vocab_size)
+        train_tokenizer(texts, tmp / "tokenizer", vocab_size=s.vocab_size)
         meta = {
-            "seed": seed,
-            "image_size": image_size,
-            "num_train": num_train,
-            "num_val": num_val,
-            "shard_size": shard_size,
-            "train_questions": train_questions,
-            "train_describe": train_describe,
+            **{name: getattr(s, name) for name in RECORDED_SETTINGS},
             "train_shards": train_shards,
             "val_shards": val_shards,
             "question_types": list(QUESTION_TYPES),
@@ -288,6 +307,15 @@ def generate_shapes(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def settings_mismatch(meta: dict[str, Any], settings: ShapesSettings) -> dict[str, tuple[Any, Any]]:
+    """The recorded settings in which a generated set's ``meta`` differs from ``settings``: {name: (on disk,
+    wanted)}. Sets written before ``train_questions`` and ``train_describe`` existed lack them; they were generated
+    with today's defaults, so a missing setting counts as its default."""
+    defaults = ShapesSettings()
+    on_disk = {name: meta.get(name, getattr(defaults, name)) for name in RECORDED_SETTINGS}
+    return {name: (have, getattr(settings, name)) for name, have in on_disk.items() if have != getattr(settings, name)}
 
 
 def dataset_is_complete(out_dir: str | Path) -> bool:

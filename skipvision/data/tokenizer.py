@@ -17,6 +17,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from skipvision.errors import MissingFileError
+
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 IMAGE_TOKEN = "<image>"
 # Strings the chat template wraps around conversations; trained on so they get compact encodings.
@@ -63,5 +65,5 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a tokenizer saved by :func:`train_tokenizer` from a local folder (never touches the network)."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer found at {path} (expected {path / 'tokenizer.json'})")
+        raise MissingFileError(f"no tokenizer found at {path} (expected {path / 'tokenizer.json'})")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)

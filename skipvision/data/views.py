@@ -1,4 +1,6 @@
-"""LLaVA-HD style image views: a global thumbnail plus a grid of high-resolution tiles (METHOD.md section 2).
+"""LLaVA-HD style image views: a global thumbnail plus a grid of high-resolution tiles.
+
+Where they enter the method: docs/method.md "Token pipeline", step 1.
 
 The thumbnail is the image resized to the encoder's input size; the tiles cut the image resized to
 ``rows x cols`` times that size. With the ``prefix`` skip policy the thumbnail's tokens are retained (R) and the

@@ -1,4 +1,4 @@
-"""The interface every vision encoder implements (METHOD.md section 2, first line of the pipeline)."""
+"""The interface every vision encoder implements (docs/method.md "Token pipeline", step 1)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class VisionEncoder(nn.Module):
     Patch tokens come in raster order.
 
     Encoders with a [CLS] token also set ``has_cls`` and override ``forward_with_cls_attention``, which gives the
-    paper's selection scores (METHOD.md section 2) in the same pass as the features.
+    paper's selection scores in the same pass as the features.
     """
 
     out_dim: int
@@ -38,8 +38,8 @@ def cls_attention_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, 
     """The attention of the [CLS] query over all keys, softmax per head, summed over heads, at the patch positions.
 
     Only the [CLS] row is computed (O(T) per head, no [T, T] map), so the encoder keeps its fused attention
-    (USERS.md item 2). ``query`` [B, H, 1, d] is the [CLS] query, ``keys`` [B, H, T, d] all T tokens' keys, the
-    first ``num_prefix`` of which are prefix tokens and are dropped from the result [B, T - num_prefix].
+    (docs/method.md "Policies"). ``query`` [B, H, 1, d] is the [CLS] query, ``keys`` [B, H, T, d] all T tokens'
+    keys, the first ``num_prefix`` of which are prefix tokens and are dropped from the result [B, T - num_prefix].
     """
     logits = (query.float() @ keys.float().transpose(-2, -1)) * scale  # [B, H, 1, T]
     probs = logits.softmax(dim=-1)  # [B, H, 1, T]

@@ -1,7 +1,7 @@
 """HF vision towers (CLIP, SigLIP) as vision encoders, built from a config dict or a local folder.
 
-LLaVA takes the penultimate layer's hidden states of CLIP ViT-L/14-336 without the CLS token (METHOD.md
-section 2); ``feature_layer`` indexes ``hidden_states`` the same way (-2 = penultimate layer's output). Layers past
+LLaVA takes the penultimate layer's hidden states of CLIP ViT-L/14-336 without the CLS token;
+``feature_layer`` indexes ``hidden_states`` the same way (-2 = penultimate layer's output). Layers past
 the feature layer are removed; the unused post-norm/pooling head is frozen so DDP sees no unused trainable weight.
 CLIP also gives the feature layer's [CLS] attention scores (the paper's selection rule) without eager attention.
 """
@@ -17,7 +17,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from skipvision.encoders.base import VisionEncoder, cls_attention_scores
-from skipvision.registry import ENCODERS
+from skipvision.registry import ENCODERS, RegistryError
 
 TINY_TOWER = {
     "config": {
@@ -54,7 +54,7 @@ class HFVisionTower(VisionEncoder):
     ) -> None:
         super().__init__()
         if (config is None) == (path is None):
-            raise ValueError(f"{model_cls.__name__}: give exactly one of 'config' (a dict) or 'path' (a folder)")
+            raise RegistryError(f"{model_cls.__name__}: give exactly one of 'config' (a dict) or 'path' (a folder)")
         if path is not None:
             if not (Path(path) / "config.json").is_file():
                 raise FileNotFoundError(f"No config.json in vision tower folder {path}")
@@ -67,7 +67,7 @@ class HFVisionTower(VisionEncoder):
         layers = body.encoder.layers
         keep = feature_layer + 1 if feature_layer >= 0 else len(layers) + 1 + feature_layer
         if not 0 <= keep <= len(layers):
-            raise ValueError(f"feature_layer {feature_layer} is out of range for {len(layers)} layers")
+            raise RegistryError(f"feature_layer {feature_layer} is out of range for {len(layers)} layers")
         del layers[keep:]
         for name, param in body.named_parameters():
             if not name.startswith(("embeddings.", "pre_layrnorm.", "encoder.")):

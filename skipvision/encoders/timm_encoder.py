@@ -1,4 +1,4 @@
-"""Any timm model as a vision encoder, features taken at a chosen block (METHOD.md section 2)."""
+"""Any timm model as a vision encoder, features taken at a chosen block (docs/method.md "Token pipeline")."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from timm.data import resolve_model_data_config
 from timm.layers import Attention
 
 from skipvision.encoders.base import VisionEncoder, cls_attention_scores
-from skipvision.registry import ENCODERS
+from skipvision.registry import ENCODERS, RegistryError
 
 TINY_VIT = {
     "model_name": "vit_tiny_patch16_224",
@@ -47,7 +47,12 @@ class TimmEncoder(VisionEncoder):
         super().__init__()
         if checkpoint_path is not None and not Path(checkpoint_path).is_file():
             raise FileNotFoundError(f"timm encoder checkpoint not found: {checkpoint_path}")
-        self.model = _create(model_name, pretrained, checkpoint_path, img_size, dict(model_kwargs or {}))
+        try:
+            self.model = _create(model_name, pretrained, checkpoint_path, img_size, dict(model_kwargs or {}))
+        except RuntimeError as err:
+            if not str(err).startswith("Unknown model"):
+                raise
+            raise RegistryError(f"timm has no model {model_name!r} (timm.list_models() lists them)") from None
         self.take_indices = self.model.prune_intermediate_layers(
             indices=[feature_layer], prune_norm=True, prune_head=True
         )

@@ -1,4 +1,4 @@
-"""Load a trained model from a run folder without Lightning (ARCHITECTURE.md "What users do with it").
+"""Load a trained model from a run folder without Lightning, for generation and the Python API.
 
 A run folder (``output_dir`` of ``fit``) holds ``recipe.yaml``, ``tokenizer/`` and ``checkpoints/*.ckpt``. Any of
 these resolves to the same three files: the run folder, its ``checkpoints/`` folder, or one ``.ckpt`` file in it.
@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from skipvision.data.tokenizer import load_tokenizer
+from skipvision.errors import SkipvisionError
 from skipvision.model import VisionLanguageModel
 from skipvision.recipe import load_recipe
 from skipvision.registry import import_modules, load_entry_point_plugins
@@ -23,7 +24,7 @@ from skipvision.registry import import_modules, load_entry_point_plugins
 MODEL_PREFIX = "model."  # VLMLitModule keeps the VisionLanguageModel under .model
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(SkipvisionError, FileNotFoundError):
     """A checkpoint path is missing files the model needs."""
 
 

@@ -14,14 +14,15 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from skipvision.errors import MissingFileError
 
-from skipvision.inference.generate import Generation
-from skipvision.inference.generator import Request, RequestError, VLMGenerator
-from skipvision.inference.sampling import GenerationConfig
+if TYPE_CHECKING:  # the parser is built without torch (docs/cli.md "Startup"); the run imports it
+    from skipvision.inference.generate import Generation
+    from skipvision.inference.generator import Request
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,13 +44,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--no-drop-kv", action="store_true", help="keep the skipped tokens' K/V after prefill")
     gen.add_argument("--stats", action="store_true", help="print time to first token, ms/token and KV-cache bytes")
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32")
 
 
 def read_requests(path: Path) -> list[tuple[dict, Request]]:
     """Every line of a JSONL request file, checked before anything runs; errors name the line."""
+    from skipvision.inference.generator import Request, RequestError
+
     if not path.is_file():
-        raise FileNotFoundError(f"no requests file at {path}")
+        raise MissingFileError(f"no requests file at {path}")
     requests = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -79,6 +82,11 @@ def format_stats(gen: Generation) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from skipvision.inference.generator import Request, RequestError, VLMGenerator
+    from skipvision.inference.sampling import GenerationConfig
+
     if (args.requests is None) == (args.prompt is None):
         raise RequestError("give either --prompt (with an optional --image) or --requests FILE")
     if args.requests is None and args.output is not None:
@@ -96,7 +104,7 @@ def run_generate(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise RequestError(str(err)) from None
     rows = [({}, Request(args.prompt, args.image))] if args.requests is None else read_requests(Path(args.requests))
-    generator = VLMGenerator.from_checkpoint(args.checkpoint, args.device, DTYPES[args.dtype])
+    generator = VLMGenerator.from_checkpoint(args.checkpoint, args.device, getattr(torch, args.dtype))
     results = generator.generate([req for _, req in rows], config, args.batch_size)
     if args.requests is None:
         print(results[0].text)

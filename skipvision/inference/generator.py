@@ -25,13 +25,14 @@ from transformers import PreTrainedTokenizerBase
 from skipvision.data.chat import ConversationError, encode_prompt
 from skipvision.data.collate import pad_sequences
 from skipvision.data.views import image_views
+from skipvision.errors import MissingFileError, SkipvisionError
 from skipvision.inference.checkpoint import load_model
 from skipvision.inference.generate import Generation, PromptTooLongError, check_context, context_limit, generate_tokens
 from skipvision.inference.sampling import GenerationConfig
 from skipvision.model import VisionLanguageModel
 
 
-class RequestError(ValueError):
+class RequestError(SkipvisionError, ValueError):
     """A request cannot be run (unreadable image, placeholder count, prompt too long); names the request."""
 
 
@@ -119,7 +120,7 @@ def _open_image(image: str | Path | Image.Image) -> Image.Image:
         return image.convert("RGB")
     path = Path(image)
     if not path.is_file():
-        raise FileNotFoundError(f"no image at {path}")
+        raise MissingFileError(f"no image at {path}")
     try:
         with Image.open(path) as img:
             return img.convert("RGB")

@@ -7,7 +7,7 @@ reduced cache only.
 A :class:`Removal` is planned once from a keep-mask ``[B, T]`` and applied to every layer and to the 2-D mask:
 
 * rows may drop different numbers of positions (a text-only prompt next to an image prompt, two images next to
-  one): the cache keeps ``T - min(drops)`` positions per row; a row that drops fewer keeps some of its dropped
+  one): the cache keeps ``T - min(drops)`` positions per row; a row that drops more keeps some of its dropped
   positions as *fillers* whose mask entry is 0, so they are never attended to (exactly like left padding);
 * the 2-D attention mask ``[B, T]`` is pruned the same way (:func:`prune_mask`), fillers zeroed;
 * position ids must keep counting the removed tokens: pass explicit ``position_ids`` equal to each row's true

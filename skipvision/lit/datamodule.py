@@ -1,4 +1,4 @@
-"""LightningDataModule over WebDataset shards (ARCHITECTURE.md "Scale": node and worker splitting)."""
+"""LightningDataModule over WebDataset shards (docs/design.md "Data": node and worker splitting)."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ Run folder layout (``output_dir``)::
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,17 @@ import lightning as L
 from filelock import FileLock
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from skipvision.data.pipeline import DataError
-from skipvision.data.shapes import dataset_is_complete, generate_shapes
+from skipvision.data.shapes import ShapesSettings, dataset_is_complete, generate_shapes, settings_mismatch
 from skipvision.data.tokenizer import load_tokenizer
+from skipvision.errors import MissingFileError
 from skipvision.lit.callbacks import SaveRecipe, Throughput
 from skipvision.lit.datamodule import WebDataModule
 from skipvision.lit.module import VLMLitModule
-from skipvision.recipe import save_recipe
+from skipvision.recipe import RecipeError, save_recipe
 from skipvision.registry import import_modules, load_entry_point_plugins
 
 
@@ -43,33 +46,30 @@ def prepare_data(cfg: DictConfig) -> Path:
     """
     data = cfg.data
     root = Path(data.root)
+    settings = ShapesSettings(**OmegaConf.to_container(data.shapes, resolve=True))
     uses_root = data.train_shards is None or data.tokenizer is None
     if uses_root and not dataset_is_complete(root):
-        if not data.shapes.generate:
+        if not settings.generate:
             raise DataError(f"No dataset at {root} (no meta.json) and data.shapes.generate is false")
         root.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(f"{root}.lock"):
             if not dataset_is_complete(root):
-                settings = OmegaConf.to_container(data.shapes)
-                settings.pop("generate")
-                generate_shapes(root, **settings)
+                generate_shapes(root, settings)
     if uses_root:
-        _check_generated_matches(root, data.shapes)
+        _check_generated_matches(root, settings)
     tokenizer = Path(data.tokenizer) if data.tokenizer else root / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"No tokenizer.json in {tokenizer}")
+        raise MissingFileError(f"No tokenizer.json in {tokenizer}")
     return tokenizer
 
 
-def _check_generated_matches(root: Path, shapes: DictConfig) -> None:
+def _check_generated_matches(root: Path, settings: ShapesSettings) -> None:
     """A generated dataset is reused only if it was generated with the settings the recipe asks for."""
     meta_file = root / "meta.json"
     meta = json.loads(meta_file.read_text())
     if "image_size" not in meta:
         return  # not a generated shapes dataset (e.g. converted shards with their own meta.json)
-    defaults = {"train_questions": 1, "train_describe": False}
-    keys = ("num_train", "num_val", "seed", "image_size", "shard_size", *defaults)
-    differ = {k: (meta.get(k, defaults.get(k)), shapes[k]) for k in keys if meta.get(k, defaults.get(k)) != shapes[k]}
+    differ = settings_mismatch(meta, settings)
     if differ:
         diff = ", ".join(f"{k}: {have} on disk, {want} in the recipe" for k, (have, want) in differ.items())
         raise DataError(
@@ -85,6 +85,16 @@ def _logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
     if kind == "tensorboard":
         return TensorBoardLogger(run_dir, name="logs")
     return False
+
+
+def check_strategy(strategy: str) -> None:
+    """Fail before anything is built when ``trainer.strategy`` is not one Lightning knows (its own error says
+    only "Example choices" and comes after the model and data are built)."""
+    valid = ["auto", *StrategyRegistry.available_strategies()]
+    if strategy not in valid:
+        close = difflib.get_close_matches(strategy, valid, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise RecipeError(f"Recipe key 'trainer.strategy' is {strategy!r}.{hint} Valid values: {', '.join(valid)}.")
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
@@ -152,11 +162,12 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint.resume={resume!r}: no checkpoint at {path}")
+        raise MissingFileError(f"checkpoint.resume={resume!r}: no checkpoint at {path}")
     return str(path)
 
 
 def fit(cfg: DictConfig) -> L.Trainer:
+    check_strategy(cfg.trainer.strategy)
     module, datamodule, run_dir = build(cfg)
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, run_dir))
@@ -165,8 +176,9 @@ def fit(cfg: DictConfig) -> L.Trainer:
 
 def validate(cfg: DictConfig, checkpoint: str) -> list[dict[str, float]]:
     """Validation loss and answer accuracy of a checkpoint on the recipe's validation shards."""
+    check_strategy(cfg.trainer.strategy)
     if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"No checkpoint at {checkpoint}")
+        raise MissingFileError(f"No checkpoint at {checkpoint}")
     module, datamodule, run_dir = build(cfg)
     trainer = build_trainer(cfg, run_dir)
     return trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint)

@@ -1,4 +1,7 @@
-"""Projectors map vision features [B, N, C_v] to the LLM's embedding width [B, N, D] (METHOD.md section 2)."""
+"""Projectors map vision features [B, N, C_v] to the LLM's embedding width [B, N, D].
+
+Step 2 of docs/method.md "Token pipeline".
+"""
 
 from torch import nn
 

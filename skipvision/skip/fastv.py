@@ -8,8 +8,9 @@ never see them. Here they also leave the KV cache of every layer, so decoding ru
 * layer K - 1: from the layer's input hidden states, compute only the attention row the method needs, the last
   prompt token's query against all T keys, heads averaged (:func:`last_token_attention`; never the full attention
   matrix, so any attention implementation runs the forward). Per row the ``floor(ratio * image slots)``
-  lowest-scored image positions are dropped and :class:`~skipvision.inference.kv.Removal` plans the survivors (rows
-  that drop fewer, e.g. text-only ones, keep masked fillers, exactly like left padding).
+  lowest-scored image positions are dropped and :class:`~skipvision.inference.kv.Removal` plans the survivors (next
+  to a row that drops fewer, e.g. a text-only one, a row keeps some dropped positions as masked fillers, exactly like
+  left padding).
 * layer K: the hidden states are gathered to the survivors; layers K..L-1 get reduced kwargs: the attention mask of
   their layer type built from the survivors' true positions (sliding windows by position, fillers masked; see
   :mod:`skipvision.adapters.masks`), and the gathered cos/sin and position ids. Positions are the true ones, never

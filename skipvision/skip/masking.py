@@ -1,9 +1,9 @@
 """Masking ablation: text queries do not attend to the skipped visual tokens S (docs/method.md "Masking ablation").
 
 The paper's final choice lets text attend to S during training and prefill. Its ablation masks text -> S attention
-in training to imitate the inference-time removal of the skipped K/V (docs/method.md "KV removal"): every text token after
-an image cannot see that image's S slots, while the visual slot tokens (R, s_R, S, s_S) keep attending causally to
-everything before them (s_S still reads every S token), and causality and padding stay as they are.
+in training to imitate the inference-time removal of the skipped K/V (docs/method.md "KV removal"): every text
+token after an image cannot see that image's S slots, while the visual slot tokens (R, s_R, S, s_S) keep attending
+causally to everything before them (s_S still reads every S token), and causality and padding stay as they are.
 
 How transformers 5.24 takes the mask: the decoders (Llama, Qwen2, Mistral, ...) call
 ``masking_utils.create_causal_mask`` (or ``create_sliding_window_causal_mask``) on the ``attention_mask`` they are

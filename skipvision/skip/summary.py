@@ -1,4 +1,4 @@
-"""Summary tokens s_R = pool(R) and s_S = pool(S) (METHOD.md section 2).
+"""Summary tokens s_R = pool(R) and s_S = pool(S) (docs/method.md "Token pipeline", step 5).
 
 One scorer ``LayerNorm(D) -> Linear(D, 1)`` rates every token of a group; the summary is the softmax-weighted sum of
 the group's projected (unnormalised) features. The same instance pools the retained group R and the merged skipped

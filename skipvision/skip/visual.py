@@ -1,10 +1,10 @@
-"""The Skip-Vision visual token pipeline after the projector (METHOD.md section 2).
+"""The Skip-Vision visual token pipeline after the projector (docs/method.md "Token pipeline").
 
 Per image: split the N projected tokens into retained R and candidates C (skip policy), merge C into S
 (compressor, N_s tokens), pool the summaries s_R = pool(R) and s_S = pool(S), and lay them out as
 ``[R][s_R][S][s_S]``. The FFN runs on R and both summaries; S takes part in attention only (Skip-FFN). With the
 ``none`` policy every token is retained and the layout is the N tokens themselves (the full model); with
-``merge_only`` (compression-only peer, METHOD.md section 6) the layout is the N tokens merged to ``merge_to``, all
+``merge_only`` (compression-only peer, docs/method.md "Peers") the layout is the N tokens merged to ``merge_to``, all
 with FFN.
 """
 

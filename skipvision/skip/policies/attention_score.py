@@ -1,4 +1,7 @@
-"""The paper's selection rule: retain the top-N_r tokens by the encoder's [CLS] attention (METHOD.md section 2)."""
+"""The paper's selection rule: retain the top-N_r tokens by the encoder's [CLS] attention.
+
+See docs/method.md "Policies".
+"""
 
 from __future__ import annotations
 

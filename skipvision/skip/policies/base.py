@@ -1,7 +1,7 @@
 """The skip-policy interface: split an image's N visual tokens into retained R and skip candidates C.
 
-METHOD.md section 2: after the projector, a skip policy picks N_r retained tokens R (full compute in the LLM); the
-other N - N_r are skip candidates C (merged, then skipped by the FFN). Both groups keep raster order.
+docs/method.md "Token pipeline": after the projector, a skip policy picks N_r retained tokens R (full compute in the
+LLM); the other N - N_r are skip candidates C (merged, then skipped by the FFN). Both groups keep raster order.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ class TokenSplit:
 
 
 class SkipPolicy(nn.Module):
-    """Chooses which visual tokens are retained (METHOD.md sections 2 and 6).
+    """Chooses which visual tokens are retained (docs/method.md "Policies").
 
     Exactly one of ``num_retained`` (N_r, fixed) or ``retain_ratio`` (N_r = round(N * ratio), at least 1) sets the
     size of R, so every image of a batch gets the same N_r. Subclasses implement ``select``.
     ``uses_cls_scores`` tells the caller whether to ask the encoder for [CLS] attention scores at all.
-    ``skips`` is False for the policies of the full-compute peers (METHOD.md section 6): nothing is skipped or
+    ``skips`` is False for the policies of the full-compute peers (docs/method.md "Peers"): nothing is skipped or
     summarised, every slot runs the FFN. Two such peers change the visual tokens in other ways:
     ``merge_to`` (compression-only) is the number of tokens each image is merged into before the LLM, None for every
     other policy; ``prunes_in_llm`` (FastV) means the policy prunes tokens inside the LLM at prefill (see

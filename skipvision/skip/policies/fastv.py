@@ -1,4 +1,4 @@
-"""FastV peer: training-free pruning of the least-attended image tokens inside the LLM (METHOD.md section 6).
+"""FastV peer: training-free pruning of the least-attended image tokens inside the LLM (docs/method.md "Peers").
 
 At the token stage it is the full model (every token retained, no merge, every slot runs the FFN). At prefill,
 layer K drops the ``ratio`` share of each prompt's image tokens that the last prompt token attends to least in

@@ -1,4 +1,4 @@
-"""Compression-only peer: merge each image's tokens to N_r + N_s, all with full compute (METHOD.md section 6).
+"""Compression-only peer: merge each image's tokens to N_r + N_s, all with full compute (docs/method.md "Peers").
 
 The same token count as Skip-Vision reaches the LLM, but no token is skipped and no summary is added, so the
 comparison isolates what skipping and the summaries contribute on top of plain token compression.

@@ -1,4 +1,4 @@
-"""The full model as a skip policy: every visual token is retained (METHOD.md section 6, "Full model")."""
+"""The full model as a skip policy: every visual token is retained (docs/method.md "Peers")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Retain the first N_r tokens: with thumbnail + tiles views, the thumbnail (the paper's LLaVA-HD setting).
 
-METHOD.md section 2, "LLaVA-HD setting: R = the 576 tokens of the global thumbnail view; S = the high-resolution
-tiles (merged to 576)". The thumbnail's tokens come first in the visual sequence (skipvision/data/views.py).
+docs/method.md "Policies": in the paper's LLaVA-HD setting the thumbnail's tokens are retained and the high-resolution
+tiles' tokens are merged and skipped. The thumbnail's tokens come first in the visual sequence
+(skipvision/data/views.py).
 """
 
 from __future__ import annotations

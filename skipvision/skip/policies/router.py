@@ -1,4 +1,4 @@
-"""A learned router as a skip policy, mixture-of-depths style (METHOD.md section 6; beyond the paper).
+"""A learned router as a skip policy, mixture-of-depths style (docs/method.md "Policies"; beyond the paper).
 
 A linear scorer on the projected features ranks the tokens; the top-N_r are retained. Top-k has no gradient, so
 the scorer learns through two paths: ``weight_retained`` scales the tokens by a value-preserving straight-through

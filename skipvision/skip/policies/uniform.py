@@ -1,4 +1,4 @@
-"""Evenly spread retained tokens: a content-free baseline for the selection rule (METHOD.md section 2)."""
+"""Evenly spread retained tokens: a content-free baseline for the selection rule (docs/method.md "Policies")."""
 
 from __future__ import annotations
 
