@@ -1,5 +1,5 @@
-"""The generation loop (METHOD.md section 4): plain HF parity without removal, the masked no-cache reference with
-removal, batching, exact cache shrinkage, sampling, stopping, and errors."""
+"""The generation loop (docs/method.md "KV removal"): plain HF parity without removal, the masked no-cache reference
+with removal, batching, exact cache shrinkage, sampling, stopping, and errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The generation loop: prefill exactly as in training, remove the skipped K/V, decode (METHOD.md section 4).
+"""The generation loop: prefill exactly as in training, remove the skipped K/V, decode (docs/method.md "KV removal").
 
 1. Prefill the whole (left-padded) prompt batch with the cache on and the Skip-FFN plan of training.
 2. With ``drop_kv``, remove the skipped slots' keys/values from every layer, per sample (:mod:`.kv`); the 2-D mask
@@ -7,13 +7,14 @@
    position (never from the cache length or the pruned mask), so RoPE phases stay those of the full sequence.
 
 The first generated token comes from the prefill pass and has still seen the skipped tokens. The loop is ours (not
-HF ``generate()``, which would derive positions from the pruned cache): greedy or sampling, EOS, stop strings,
-``max_new_tokens`` and the model's context length end each row independently.
+HF ``generate()``, which would derive positions from the pruned cache) and only strings the pieces together: the
+next token (:class:`.sampling.TokenChooser`), when each row ends (:mod:`.stopping`: EOS, stop strings,
+``max_new_tokens`` and the model's context, per row) and the timings (:mod:`.stats`). Nothing in a step waits for
+the device unless stop strings need the text (or, on CUDA, one step late, whether every row has hit its EOS).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -23,28 +24,13 @@ from skipvision.adapters import SLIDING, DecoderAdapter, adapter_for
 from skipvision.errors import SkipvisionError
 from skipvision.inference.kv import Removal, drop_cache_positions, kv_cache_bytes, prune_mask, stored_lengths
 from skipvision.inference.sampling import GenerationConfig, TokenChooser
+from skipvision.inference.stats import GenerationStats, StepClock, step_times
+from skipvision.inference.stopping import Stopping, StopStrings, decode_text
 from skipvision.model import VisionLanguageModel, positions_from_mask
 
 
 class PromptTooLongError(SkipvisionError, ValueError):
     """A prompt (image slots included) leaves no room in the model's context."""
-
-
-@dataclass
-class GenerationStats:
-    """Per request. Times are the batch's (its rows share every forward); KV bytes count this row's real positions.
-
-    ``kv_bytes_prefill``: the row's K/V after prefill; ``kv_bytes_kept``: after removal (equal without removal).
-    ``ms_per_token``: decode time per token after the first (None when only one token was produced).
-    """
-
-    prompt_tokens: int
-    generated_tokens: int
-    ttft_ms: float
-    ms_per_token: float | None
-    kv_bytes_prefill: int
-    kv_bytes_kept: int
-    finish_reason: str  # "eos" | "stop" | "length" (max_new_tokens) | "context" (model's context is full)
 
 
 @dataclass
@@ -145,86 +131,93 @@ def generate_tokens(
     """Generate for a left-padded prompt batch ``prompt_ids``/``prompt_mask`` [B, P] with its images.
 
     ``num_images`` [B] says how many of ``pixel_values`` [M, ...] belong to each row, in order (0: text-only).
-    Stop strings and texts need ``tokenizer``.
+    Stop strings and texts need ``tokenizer``. Tokens stay on the device until the end; the host reads them every
+    step only for stop strings (:mod:`.stopping`), and the timing never waits for the device (:mod:`.stats`).
     """
     if config.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the generated text")
-    lengths = prompt_mask.sum(-1)  # [B] real prompt lengths
+    lengths = prompt_mask.sum(-1).tolist()  # real prompt lengths
     limit = context_limit(model)
-    check_context(lengths.tolist(), limit)
-    batch = prompt_ids.shape[0]
-    device = prompt_ids.device
+    check_context(lengths, limit)
+    batch, device = prompt_ids.shape[0], prompt_ids.device
+    room = [config.max_new_tokens if limit is None else min(config.max_new_tokens, limit - n) for n in lengths]
 
-    start = time.perf_counter()
+    clock = StepClock(device)
     cache = DynamicCache(config=model.backbone.config)
     pre = prefill(model, prompt_ids, prompt_mask, pixel_values, num_images, cache, config.drop_kv)
+    decoder = Decoder(model, cache, pre, prompt_mask)
     chooser = TokenChooser(config, device)
-    history = prompt_ids[:, :0]  # [B, 0] generated ids so far
-    token = chooser(pre.logits, history)  # [B]
-    step_logits = [pre.logits.float()] if config.output_logits else []  # per step [B, V]
-    synchronize(device)
-    stamps = [time.perf_counter() - start]  # seconds at which each step's token was known
-
-    adapter = adapter_for(model.backbone.config)
-    probe = torch.empty(batch, 1, 1, dtype=model.backbone.dtype, device=device)  # the masks' batch, dtype, device
-    mask, key_pos = pre.mask, pre.positions  # [B, K] each
-    next_pos = positions_from_mask(prompt_mask)[:, -1:] + 1  # [B, 1]
-    room = [config.max_new_tokens if limit is None else min(config.max_new_tokens, limit - n) for n in lengths.tolist()]
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    steps, reasons = [0] * batch, [""] * batch
-    texts: list[str | None] = [None] * batch
+    stopping = Stopping(room, config.max_new_tokens, eos_token_id, device, stop_strings=bool(config.stop))
+    stop_strings = StopStrings(tokenizer, config.stop, batch, eos_token_id) if config.stop else None
+    tokens = prompt_ids.new_zeros(batch, max(room))  # [B, steps] the chosen ids, on the device
+    logits = pre.logits  # [B, V] the logits the next token is chosen from
+    step_logits = []  # per step [B, V] (output_logits only)
+    step = 0
     while True:
-        history = torch.cat([history, token[:, None]], dim=1)  # [B, L]
-        for row in range(batch):
-            if reasons[row]:
-                continue
-            steps[row] += 1
-            tid = int(token[row])
-            if tid == eos_token_id:
-                reasons[row] = "eos"
-                continue
-            generated[row].append(tid)
-            if config.stop:
-                texts[row] = _cut_at_stop(_decode(tokenizer, generated[row]), config.stop)
-                if texts[row] is not None:
-                    reasons[row] = "stop"
-                    continue
-            if steps[row] >= room[row]:
-                reasons[row] = "length" if steps[row] >= config.max_new_tokens else "context"
-        if all(reasons):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [B, K + L]
-        key_pos = torch.cat([key_pos, next_pos], dim=1)  # [B, K + L]
-        masks = decode_masks(adapter, cache, probe, next_pos, key_pos, mask)
-        out = model.backbone(
-            input_ids=token[:, None], attention_mask=masks, position_ids=next_pos, cache=cache, use_cache=True
-        )
-        next_pos = next_pos + 1
-        token = chooser(out.logits[:, -1], history)  # [B]
+        token = chooser(logits, tokens[:, :step])  # [B]
+        clock.mark()
+        tokens[:, step] = token
+        step += 1
         if config.output_logits:
-            step_logits.append(out.logits[:, -1].float())
-        synchronize(device)
-        stamps.append(time.perf_counter() - start)
+            step_logits.append(logits.float())
+        stopping.update(step, token)
+        if stop_strings is not None:
+            stopping.stop(stop_strings.feed(token.tolist()), step)
+        if stopping.done(step):
+            break
+        logits = decoder(token)
 
     per_position = kv_cache_bytes(cache) // max(1, batch * cache.get_seq_length())  # bytes per cached position
+    chosen = tokens[:, :step].tolist()
+    all_logits = torch.stack(step_logits, dim=1) if config.output_logits else None  # [B, steps, V]
+    seconds = clock.seconds()
     results = []
-    for row in range(batch):
-        n = steps[row]
-        decode_ms = (stamps[n - 1] - stamps[0]) * 1000 / (n - 1) if n > 1 else None
-        if texts[row] is None and tokenizer is not None:
-            texts[row] = _decode(tokenizer, generated[row])
+    for row, (ending, kept) in enumerate(zip(stopping.endings(chosen), pre.kept.tolist(), strict=True)):
+        ids = chosen[row][: ending.steps - 1 if ending.reason == "eos" else ending.steps]  # without the EOS
+        if stop_strings is not None and ending.reason == "stop":
+            text = stop_strings.texts[row]
+        else:
+            text = None if tokenizer is None else decode_text(tokenizer, ids)
+        ttft_ms, ms_per_token = step_times(seconds, ending.steps)
         stats = GenerationStats(
-            prompt_tokens=int(lengths[row]),
-            generated_tokens=len(generated[row]),
-            ttft_ms=stamps[0] * 1000,
-            ms_per_token=decode_ms,
-            kv_bytes_prefill=per_position * int(lengths[row]),
-            kv_bytes_kept=per_position * int(pre.kept[row]),
-            finish_reason=reasons[row],
+            prompt_tokens=lengths[row],
+            generated_tokens=len(ids),
+            ttft_ms=ttft_ms,
+            ms_per_token=ms_per_token,
+            kv_bytes_prefill=per_position * lengths[row],
+            kv_bytes_kept=per_position * kept,
+            finish_reason=ending.reason,
         )
-        logits = torch.stack([step[row] for step in step_logits[:n]]) if config.output_logits else None  # [n, V]
-        results.append(Generation(generated[row], texts[row], stats, logits))
+        row_logits = None if all_logits is None else all_logits[row, : ending.steps]  # [steps, V]
+        results.append(Generation(ids, text, stats, row_logits))
     return results
+
+
+class Decoder:
+    """Step 3: one forward of one token per row over the cache, at each row's true next position.
+
+    It keeps the cache columns' validity ``mask`` and true positions ``key_pos`` [B, K + steps fed], from which each
+    step's masks are built (:func:`decode_masks`)."""
+
+    def __init__(self, model: VisionLanguageModel, cache: DynamicCache, pre: Prefilled, prompt_mask: torch.Tensor):
+        self.backbone, self.cache = model.backbone, cache
+        self.adapter = adapter_for(model.backbone.config)
+        batch, device = prompt_mask.shape[0], prompt_mask.device
+        # Only the masks' batch, dtype and device are read off it.
+        self.probe = torch.empty(batch, 1, 1, dtype=self.backbone.dtype, device=device)
+        self.mask, self.key_pos = pre.mask, pre.positions  # [B, K] each
+        self.next_pos = positions_from_mask(prompt_mask)[:, -1:] + 1  # [B, 1]
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """Feeds ``token`` [B]; returns the logits [B, V] of the next one."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)  # [B, K + L]
+        self.key_pos = torch.cat([self.key_pos, self.next_pos], dim=1)  # [B, K + L]
+        masks = decode_masks(self.adapter, self.cache, self.probe, self.next_pos, self.key_pos, self.mask)
+        out = self.backbone(
+            input_ids=token[:, None], attention_mask=masks, position_ids=self.next_pos, cache=self.cache, use_cache=True
+        )
+        self.next_pos = self.next_pos + 1
+        return out.logits[:, -1]  # [B, V]
 
 
 def decode_masks(
@@ -244,15 +237,3 @@ def decode_masks(
     stored = stored_lengths(cache, adapter.layer_types)
     widths = {SLIDING: stored[SLIDING] + 1} if SLIDING in stored else None
     return adapter.masks(probe, query_pos, key_pos, key_mask, widths)
-
-
-def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
-    """The answer text: special tokens dropped, and the space the chat template puts after "ASSISTANT:"."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return text.removeprefix(" ")
-
-
-def _cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> str | None:
-    """The text before the earliest stop string, or None when none occurs."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[: min(hits)] if hits else None

@@ -1,8 +1,8 @@
-"""How the next token is chosen: greedy, or sampling with temperature, top-k and top-p (METHOD.md section 4, step 3).
+"""How the next token is chosen: greedy, or sampling with temperature, top-k and top-p.
 
-The filtering is transformers' own logits warpers; only the loop around them is ours (ARCHITECTURE.md "Inference":
-we own the generation loop, not HF ``generate()``). Sampling draws from a private :class:`torch.Generator` seeded
-per call, so a seed reproduces the same texts regardless of global RNG use elsewhere.
+The filtering is transformers' own logits warpers; only the loop around them is ours, not HF ``generate()``
+(docs/method.md "KV removal", step 3). Sampling draws from a private :class:`torch.Generator` seeded per call, so a
+seed reproduces the same texts regardless of global RNG use elsewhere.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class GenerationConfig:
     top_p: float | None = None
     seed: int | None = None
     stop: Sequence[str] = field(default_factory=tuple)  # stop strings, not included in the returned text
-    drop_kv: bool = True  # remove the skipped tokens' K/V after prefill (METHOD.md section 4, step 2)
+    drop_kv: bool = True  # remove the skipped tokens' K/V after prefill (docs/method.md "KV removal")
     output_logits: bool = False  # keep every step's logits in Generation.logits (for checks and scoring)
 
     def __post_init__(self) -> None:
