@@ -34,6 +34,9 @@ def position_mask(
     device = embeds.device
     query = query_positions.to(device)  # [B, q]
     key = key_positions.to(device)  # [B, k]
+    implementation = config._attn_implementation
+    if query.shape[1] == 1 and implementation in ("sdpa", "eager"):
+        return _decode_step_mask(query, key, key_valid.to(device), window, embeds.dtype, implementation)
 
     def visible(batch_idx: torch.Tensor, head_idx: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor):
         q, k = query[batch_idx, q_idx], key[batch_idx, kv_idx]
@@ -46,3 +49,18 @@ def position_mask(
         attention_mask=key_valid.to(device=device, dtype=torch.bool),
         and_mask_function=visible,
     )
+
+
+def _decode_step_mask(
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, window: int | None, dtype: torch.dtype, kind: str
+) -> torch.Tensor:
+    """The same rule for one query per row, built directly (a decode step: the builder's per-step cost dominated
+    ms/token). The step's own column is valid and at the query's position, so no row is fully masked; sdpa takes
+    the bool mask, eager an additive one. query [B, 1], key/valid [B, k] -> [B, 1, 1, k]."""
+    see = valid.bool() & (key <= query)  # [B, k]
+    if window is not None:
+        see &= query - key < window
+    see = see[:, None, None, :]  # [B, 1, 1, k]
+    if kind == "sdpa":
+        return see
+    return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill(~see, torch.finfo(dtype).min)
