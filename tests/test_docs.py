@@ -44,6 +44,7 @@ def repository_files() -> list[Path]:
             cwd=ROOT,
             capture_output=True,
             text=True,
+            timeout=60,
             check=True,
         ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):

@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from skipvision.adapters import adapter_for, supported_model_types
 from skipvision.errors import UnsupportedModelError
-from skipvision.inference.generate import decode_masks
+from skipvision.inference.generate import Decoder
 from skipvision.inference.kv import Removal, drop_cache_positions, prune_mask
 from skipvision.model import positions_from_mask
 from skipvision.skip.fastv import fastv_prefill, last_token_attention
@@ -103,10 +103,9 @@ def test_skip_ffn_equals_the_two_stream_reference(family: str) -> None:
 
 def decode(model, ids, mask, keep: torch.Tensor | None, steps: int = STEPS):
     """Prefill, remove the positions where ``keep`` is False (None: nothing), decode ``steps`` greedy steps with
-    the generation loop's masks and true positions. Returns the prefill's last logits [B, V], the step inputs
-    [B, steps] and the step logits [B, steps, V]."""
+    the generation loop's decoder (its masks and true positions). Returns the prefill's last logits [B, V], the
+    step inputs [B, steps], the step logits [B, steps, V] and the cache."""
     cache = DynamicCache(config=model.config)
-    adapter = adapter_for(model.config)
     positions = positions_from_mask(mask)  # [B, T]
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
@@ -115,22 +114,14 @@ def decode(model, ids, mask, keep: torch.Tensor | None, steps: int = STEPS):
         removal = Removal.plan(keep)
         drop_cache_positions(cache, removal)
         key_pos, key_mask = positions.gather(1, removal.index), prune_mask(mask, removal)
-    probe = torch.empty(B, 1, 1)
-    next_pos = positions[:, -1:] + 1
+    decoder = Decoder(model, cache, key_mask, key_pos, positions[:, -1:] + 1)
     token = out.logits[:, -1].argmax(-1)  # [B]
     tokens, logits = [], []
     for _ in range(steps):
         tokens.append(token)
-        key_pos = torch.cat([key_pos, next_pos], 1)
-        key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], 1)
-        masks = decode_masks(adapter, cache, probe, next_pos, key_pos, key_mask)
         with torch.no_grad():
-            step = model(
-                input_ids=token[:, None], attention_mask=masks, position_ids=next_pos, cache=cache, use_cache=True
-            )
-        logits.append(step.logits[:, -1])
-        token = step.logits[:, -1].argmax(-1)
-        next_pos = next_pos + 1
+            logits.append(decoder(token))
+        token = logits[-1].argmax(-1)
     return out.logits[:, -1], torch.stack(tokens, 1), torch.stack(logits, 1), cache
 
 
@@ -231,15 +222,9 @@ def test_fastv_equals_a_reference_whose_later_layers_never_see_the_dropped_token
     # Two decode steps over the reduced cache, with the generation loop's masks.
     token_ids = torch.tensor([[5, 7], [9, 11]])
     key_pos, key_mask = positions.gather(1, out.removal.index), prune_mask(mask, out.removal)
-    next_pos, steps = positions[:, -1:] + 1, []
-    for j in range(2):
-        key_pos = torch.cat([key_pos, next_pos], 1)
-        key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], 1)
-        masks = decode_masks(adapter, cache, torch.empty(2, 1, 1), next_pos, key_pos, key_mask)
-        with torch.no_grad():
-            step = model(input_ids=token_ids[:, j : j + 1], attention_mask=masks, position_ids=next_pos, cache=cache)
-        steps.append(step.logits[:, -1])
-        next_pos = next_pos + 1
+    decoder = Decoder(model, cache, key_mask, key_pos, positions[:, -1:] + 1)
+    with torch.no_grad():
+        steps = [decoder(token_ids[:, j]) for j in range(2)]
 
     full = torch.cat([embeds, model.get_input_embeddings()(token_ids)], 1)  # [B, T + 2, D]
     valid = torch.cat([mask, torch.ones_like(token_ids)], 1)

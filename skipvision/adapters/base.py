@@ -104,21 +104,20 @@ class DecoderAdapter:
         """The attention window of a layer type (None: full attention)."""
         return self.sliding_window if kind == SLIDING else None
 
-    def masks(
+    def type_masks(
         self,
         embeds: torch.Tensor,
         query_positions: torch.Tensor,
         key_positions: torch.Tensor,
         key_valid: torch.Tensor,
         key_lengths: dict[str, int] | None = None,
-    ) -> torch.Tensor | dict[str, Any]:
-        """The ``attention_mask`` argument for a forward whose queries sit at ``query_positions`` [B, q] and whose
-        keys are the columns ``key_positions``/``key_valid`` [B, k] (true positions; False = padding or filler).
+    ) -> dict[str, Any]:
+        """One mask per layer type for a forward whose queries sit at ``query_positions`` [B, q] and whose keys are
+        the columns ``key_positions``/``key_valid`` [B, k] (true positions; False = padding or filler).
 
         A query sees the valid keys at or before its position, within the window for sliding layers. Layers of a
         type that cache only the last n columns (sliding windows) get the last ``key_lengths[type]`` columns.
-        ``embeds`` [B, q, D] gives the mask's dtype and device. Returns one 4-D mask when the model has one layer
-        type, else a mapping from layer type to mask (the form hybrid decoders take).
+        ``embeds`` [B, q, D] gives the masks' dtype and device.
         """
         built = {}
         for kind in self.types:
@@ -131,7 +130,18 @@ class DecoderAdapter:
                 key_valid[:, -width:],
                 self.window(kind),
             )
-        return self.pack(built)
+        return built
+
+    def masks(
+        self,
+        embeds: torch.Tensor,
+        query_positions: torch.Tensor,
+        key_positions: torch.Tensor,
+        key_valid: torch.Tensor,
+        key_lengths: dict[str, int] | None = None,
+    ) -> torch.Tensor | dict[str, Any]:
+        """:meth:`type_masks` as the decoder's ``attention_mask`` argument (see :meth:`pack`)."""
+        return self.pack(self.type_masks(embeds, query_positions, key_positions, key_valid, key_lengths))
 
     def pack(self, masks: dict[str, Any]) -> torch.Tensor | dict[str, Any]:
         """One mask per layer type -> the decoder's ``attention_mask`` argument: the mask itself when there is one

@@ -17,11 +17,17 @@ import torch
 from transformers import DynamicCache
 
 from skipvision.flops import measured_flops
-from skipvision.inference.generate import generate_tokens, prefill, synchronize
+from skipvision.inference.generate import generate_tokens, prefill
 from skipvision.inference.kv import kv_cache_bytes
 from skipvision.inference.sampling import GenerationConfig
 from skipvision.model import VisionLanguageModel
 from skipvision.skip.ffn import SkipFFN
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

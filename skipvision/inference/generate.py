@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from skipvision.adapters import SLIDING, DecoderAdapter, adapter_for
 from skipvision.errors import SkipvisionError
@@ -54,12 +54,6 @@ class Prefilled:
     def kept(self) -> torch.Tensor:
         """[B] real (unmasked) cache positions per row after removal."""
         return self.mask.sum(-1)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock timings cover it (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def context_limit(model: VisionLanguageModel) -> int | None:
@@ -145,7 +139,8 @@ def generate_tokens(
     clock = StepClock(device)
     cache = DynamicCache(config=model.backbone.config)
     pre = prefill(model, prompt_ids, prompt_mask, pixel_values, num_images, cache, config.drop_kv)
-    decoder = Decoder(model, cache, pre, prompt_mask)
+    next_pos = positions_from_mask(prompt_mask)[:, -1:] + 1  # [B, 1]
+    decoder = Decoder(model.backbone, cache, pre.mask, pre.positions, next_pos)
     chooser = TokenChooser(config, device)
     stopping = Stopping(room, config.max_new_tokens, eos_token_id, device, stop_strings=bool(config.stop))
     stop_strings = StopStrings(tokenizer, config.stop, batch, eos_token_id) if config.stop else None
@@ -196,17 +191,23 @@ def generate_tokens(
 class Decoder:
     """Step 3: one forward of one token per row over the cache, at each row's true next position.
 
-    It keeps the cache columns' validity ``mask`` and true positions ``key_pos`` [B, K + steps fed], from which each
-    step's masks are built (:func:`decode_masks`)."""
+    It keeps the cache columns' validity ``mask`` and true positions ``key_pos`` [B, K + steps fed] (starting from
+    the prefill's, after any removal), from which each step's masks are built (:func:`decode_masks`), and the rows'
+    next positions ``next_pos`` [B, 1]."""
 
-    def __init__(self, model: VisionLanguageModel, cache: DynamicCache, pre: Prefilled, prompt_mask: torch.Tensor):
-        self.backbone, self.cache = model.backbone, cache
-        self.adapter = adapter_for(model.backbone.config)
-        batch, device = prompt_mask.shape[0], prompt_mask.device
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        key_pos: torch.Tensor,
+        next_pos: torch.Tensor,
+    ) -> None:
+        self.backbone, self.cache = backbone, cache
+        self.adapter = adapter_for(backbone.config)
         # Only the masks' batch, dtype and device are read off it.
-        self.probe = torch.empty(batch, 1, 1, dtype=self.backbone.dtype, device=device)
-        self.mask, self.key_pos = pre.mask, pre.positions  # [B, K] each
-        self.next_pos = positions_from_mask(prompt_mask)[:, -1:] + 1  # [B, 1]
+        self.probe = torch.empty(mask.shape[0], 1, 1, dtype=backbone.dtype, device=mask.device)
+        self.mask, self.key_pos, self.next_pos = mask, key_pos, next_pos  # [B, K], [B, K], [B, 1]
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """Feeds ``token`` [B]; returns the logits [B, V] of the next one."""

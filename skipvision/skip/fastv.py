@@ -137,8 +137,7 @@ class _Pruner:
         hidden = _gather(hidden, index)  # [B, T', D]
         self.positions = kwargs["position_ids"].expand(index.shape[0], -1).gather(1, index)  # [B, T'], true
         valid = prune_mask(self.mask, self.removal).to(hidden.device)  # [B, T'], fillers 0
-        built = self.adapter.masks(hidden, self.positions, self.positions, valid)
-        self.masks = built if isinstance(built, dict) else {kind: built for kind in self.adapter.types}
+        self.masks = self.adapter.type_masks(hidden, self.positions, self.positions, valid)
         return (hidden, *args[1:])
 
 
