@@ -88,6 +88,8 @@ class VisionLanguageModel(nn.Module):
         self.visual = visual or SkipVisionTokens(self.visual_tokens_per_image(encoder, self.tiles), dim)
         self.skip_ffn = SkipFFN(backbone, skip_layers).attach() if self.visual.skips else None
         self.mask_text_to_skipped = mask_text_to_skipped  # ablation, training only (see run_backbone)
+        # Distributed runs set this: a batch without images still runs the vision side (see idle_vision).
+        self.spmd = False
 
     @classmethod
     def from_specs(
@@ -182,7 +184,7 @@ class VisionLanguageModel(nn.Module):
             num_images = torch.tensor([n_images]) if input_ids.shape[0] == 1 else None
         self._check_slots(slots, n_images, num_images)
         if n_images == 0:
-            return Embedded(embeds)
+            return Embedded(embeds + self.idle_vision(embeds) if self.spmd else embeds)
         visual = self.image_features(pixel_values)
         tokens = visual.tokens.to(embeds.dtype)  # [M, K, D]
         embeds = embeds.masked_scatter(slots.unsqueeze(-1), tokens.reshape(-1, tokens.shape[-1]))  # [B, T, D]
@@ -191,6 +193,20 @@ class VisionLanguageModel(nn.Module):
             ffn_mask = torch.ones_like(slots)  # [B, T]
             ffn_mask[slots] = visual.ffn.repeat(n_images)  # slots fill row-major, image after image
         return Embedded(embeds, ffn_mask, visual.aux_loss, slots)
+
+    def idle_vision(self, like: torch.Tensor) -> torch.Tensor:
+        """A zero computed through the encoder, projector and skip tokens (summaries, learned policy) on one blank
+        image, in ``like``'s dtype.
+
+        Added to a text-only batch's embeddings when ``spmd`` is set, so the rank still calls every module and
+        joins every DDP/FSDP collective its peers with images run (docs/distributed.md "SPMD"), while its outputs and
+        loss stay exactly those of the batch alone (x + 0 == x); the vision parameters get zero gradients.
+        """
+        views = 1 if self.tiles is None else 1 + self.tiles[0] * self.tiles[1]
+        blank = torch.zeros(1, views, 3, *self.encoder.image_size, device=like.device)  # [1, V, 3, H, W]
+        visual = self.image_features(blank if self.tiles is not None else blank[:, 0])  # tokens [1, K, D]
+        total = visual.tokens.sum() if visual.aux_loss is None else visual.tokens.sum() + visual.aux_loss
+        return (total * 0).to(like.dtype)
 
     def run_backbone(
         self,

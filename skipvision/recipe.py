@@ -47,7 +47,8 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_length: int = 256
     on_error: str = "skip"  # skip (count and go on) | raise (fail naming the shard and sample)
-    resampled: bool = True  # training: endless resampled shards; false: shuffled epochs split by node/worker
+    resampled: bool = True  # training: endless resampled shards; false: shuffled passes split by rank/worker
+    epoch_batches: int | None = None  # training batches per rank per epoch; None: one pass (or endless, resampled)
 
 
 @dataclass
@@ -116,6 +117,7 @@ class EvalConfig:
     max_new_tokens: int = 4
     generate: bool = True  # greedy-decode answers during validation for answer accuracy
     drop_kv: bool = True  # decode with S removed from the KV cache (docs/method.md "KV removal"); false to compare
+    question_types: list[str] | None = None  # accuracy per type; None: the dataset meta.json's question_types
 
 
 @dataclass

@@ -14,17 +14,14 @@ pre-hook on every ``mlp.gate_proj`` saw exactly the planned number of rows on ev
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
-TESTS = Path(__file__).resolve().parent
+from .processes import TESTS, free_port, process_env, run_all
+
 WORKER = TESTS / "ddp_skip_worker.py"
 WORLD = 2
 # Kept FFN rows (of B*T = 16) per step, per rank: rank 1 keeps none in step 0, rank 0 keeps none in step 2.
@@ -32,52 +29,11 @@ KEEP = ((7, 0), (16, 3), (0, 11))
 TIMEOUT_S = 35.0  # whole run, both ranks; the process group itself times out after 30 s
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(out_dir: Path) -> None:
     """Run the worker on ``WORLD`` ranks; kill them all and fail on a timeout or any nonzero exit."""
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS.parent), os.environ.get("PYTHONPATH", "")) if p),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    logs = [out_dir / f"rank{r}.log" for r in range(WORLD)]
-    procs = []
-    for r in range(WORLD):
-        cmd = [sys.executable, str(WORKER), str(r), str(WORLD), str(out_dir), json.dumps(KEEP)]
-        with open(logs[r], "wb") as log:
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + TIMEOUT_S
-    failure = None
-    try:
-        while failure is None and any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                failure = f"DDP ranks did not finish within {TIMEOUT_S:.0f} s (hang?)"
-            elif any(p.poll() not in (None, 0) for p in procs):
-                failure = "a DDP rank failed"
-            else:
-                time.sleep(0.1)
-        if failure is None and any(p.returncode != 0 for p in procs):
-            failure = "a DDP rank failed"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    if failure is not None:
-        tails = "\n".join(
-            f"--- rank {r} (exit {p.returncode}) ---\n{logs[r].read_text()[-3000:]}" for r, p in enumerate(procs)
-        )
-        pytest.fail(f"{failure}\n{tails}")
+    env = process_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    commands = [[sys.executable, str(WORKER), str(r), str(WORLD), str(out_dir), json.dumps(KEEP)] for r in range(WORLD)]
+    run_all(commands, [out_dir / f"rank{r}.log" for r in range(WORLD)], TIMEOUT_S, env)
 
 
 def test_ddp_ranks_with_different_and_empty_skip_plans_stay_in_sync(tmp_path: Path) -> None:

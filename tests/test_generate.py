@@ -253,3 +253,30 @@ def test_config_errors() -> None:
         GenerationConfig(temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         GenerationConfig(max_new_tokens=0)
+
+
+def test_agree_keeps_stepping_until_every_rank_is_done(skip_model, tok) -> None:
+    """docs/distributed.md "SPMD": with ``agree`` (validation on several ranks) a rank whose rows have all ended keeps
+    running forwards until its peers' have too, so every rank joins the same collectives; its own results do not
+    change. The peer here needs 4 steps, this rank's only row ends with an EOS at its first token."""
+    ids, mask, pixels, num_images = _batch(skip_model, tok)
+    ids, mask, pixels, num_images = ids[:1], mask[:1], pixels[:1], num_images[:1]
+    config = GenerationConfig(max_new_tokens=STEPS)
+    first = generate_tokens(skip_model, ids, mask, pixels, num_images, config, None)[0].token_ids[0]
+    forwards = []
+    hook = skip_model.backbone.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        alone = generate_tokens(skip_model, ids, mask, pixels, num_images, config, first, tok)
+        assert len(forwards) == 1  # the prefill's token was the EOS: no decode step
+        forwards.clear()
+        answers = []
+
+        def peer_needs_four_steps(done: bool) -> bool:
+            answers.append(done)
+            return done and len(answers) >= 4
+
+        synced = generate_tokens(skip_model, ids, mask, pixels, num_images, config, first, tok, peer_needs_four_steps)
+    finally:
+        hook.remove()
+    assert answers == [True] * 4 and len(forwards) == 4  # the prefill and 3 decode steps, like the peer
+    assert synced[0].token_ids == alone[0].token_ids == [] and synced[0].stats.finish_reason == "eos"

@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from skipvision.data.chat import IGNORE_INDEX, ConversationError, encode_conversation, encode_prompt
-from skipvision.data.pipeline import DataError, SampleEncoder, build_pipeline, expand_shards
+from skipvision.data.pipeline import DataError, Placement, SampleEncoder, build_pipeline, expand_shards
 from skipvision.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from skipvision.data.views import image_transform
 
@@ -99,12 +99,20 @@ def _mixed_shard(tmp_path: Path) -> str:
 
 def test_skip_policy_skips_and_counts_bad_samples(tokenizer, tmp_path: Path) -> None:
     url = _mixed_shard(tmp_path)
+    training = list(_pipeline(tokenizer, [url], on_error="skip", training=True, resampled=False, shuffle_buffer=1))
+    assert [k for b in training for k in b["keys"]] == ["good0", "good1"]  # full batches only; good2 left over
+    assert sum(b["data_errors"] for b in training) == 3
+    assert training[0]["pixel_values"].shape == (2, 3, 16, 16)
+
+    # Validation keeps every position: a bad sample becomes a filler (no labels, no image), so shares stay even.
     batches = list(_pipeline(tokenizer, [url], on_error="skip"))
-    assert [k for b in batches for k in b["keys"]] == ["good0", "good1", "good2"]
+    assert [k for b in batches for k in b["keys"]] == ["good0", "", "good1", "", "", "good2"]
+    assert [f for b in batches for f in b["fillers"]] == [False, True, False, True, True, False]
     assert sum(b["data_errors"] for b in batches) == 3
-    assert batches[0]["pixel_values"].shape == (2, 3, 16, 16)
-    assert batches[1]["num_images"].tolist() == [0] and "pixel_values" not in batches[1]
-    assert batches[0]["prompt_ids"].shape[0] == 2 and batches[0]["answers"] == ["red", "blue"]
+    assert batches[0]["pixel_values"].shape == (1, 3, 16, 16) and batches[0]["num_images"].tolist() == [1, 0]
+    assert (batches[0]["labels"][1] == IGNORE_INDEX).all()
+    assert batches[2]["num_images"].tolist() == [0, 0] and "pixel_values" not in batches[2]
+    assert batches[0]["prompt_ids"].shape[0] == 2 and batches[1]["answers"] == ["blue", ""]
 
 
 def test_raise_policy_names_the_shard_and_sample(tokenizer, tmp_path: Path) -> None:
@@ -158,3 +166,81 @@ def test_training_stream_is_seeded_and_splits_across_workers(tokenizer, tiny_sha
     )
     seen = [k for b in loader for k in b["keys"]]
     assert sorted(seen) == all_keys  # each shard read by exactly one worker
+
+
+def _readers(world: int, workers: int, make) -> list[list[dict]]:
+    """Every rank's batches for ``world`` ranks with ``workers`` DataLoader workers each."""
+    out = []
+    for rank in range(world):
+        loader = torch.utils.data.DataLoader(make(Placement(rank, world)), batch_size=None, num_workers=workers)
+        out.append(list(loader))
+    return out
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 1), (2, 2), (3, 2)])
+def test_validation_gives_every_rank_the_same_batches_and_every_sample_once(
+    tokenizer, tmp_path: Path, world: int, workers: int
+) -> None:
+    """docs/distributed.md "Data": one shard of 5 samples for up to 6 readers; each rank gets the same number of
+    batches, fillers pad the shares, and the real samples are each read exactly once."""
+    keys = [f"s{i}" for i in range(5)]
+    url = _write_shard(tmp_path / "v-000000.tar", [{"__key__": k, "json": _conv("Is it?", "yes")} for k in keys])
+    ranks = _readers(world, workers, lambda placement: _pipeline(tokenizer, [url], placement=placement))
+    assert len({len(batches) for batches in ranks}) == 1
+    assert len({sum(len(b["keys"]) for b in batches) for batches in ranks}) == 1
+    real = [k for batches in ranks for b in batches for k, f in zip(b["keys"], b["fillers"], strict=True) if not f]
+    assert sorted(real) == keys
+    fillers = [f for batches in ranks for b in batches for f in b["fillers"] if f]
+    assert len(fillers) == -(-5 // (world * workers)) * world * workers - 5
+
+
+def test_training_without_resampling_splits_shards_evenly_or_refuses(tokenizer, tiny_shapes: Path) -> None:
+    urls = expand_shards(str(tiny_shapes / "train" / "*.tar"))  # 2 shards of 32 samples
+
+    def make(epoch_batches: int | None, workers: int = 1):
+        def pipeline(placement: Placement):
+            return _pipeline(
+                tokenizer,
+                urls,
+                200,
+                batch_size=4,
+                training=True,
+                resampled=False,
+                shuffle_buffer=1,
+                placement=placement,
+                epoch_batches=epoch_batches,
+            )
+
+        return _readers(2, workers, pipeline)
+
+    with pytest.raises(DataError, match=r"data.resampled=false on several ranks needs data.epoch_batches"):
+        make(None)
+    ranks = make(epoch_batches=10)
+    assert [len(batches) for batches in ranks] == [10, 10]  # 10 batches of 4 from a 32-sample shard: a second pass
+    shards = [{f"train-{i:07d}" for i in range(32)}, {f"train-{i:07d}" for i in range(32, 64)}]
+    passes = [{k for b in batches[:8] for k in b["keys"]} for batches in ranks]  # each rank's first pass
+    assert sorted(passes, key=min) == shards  # one whole shard each, never the same one
+    with pytest.raises(DataError, match=r"2 training shard\(s\) for 4 readers"):
+        make(epoch_batches=4, workers=2)
+
+
+def test_a_resumed_run_draws_a_fresh_training_stream(tokenizer, tiny_shapes: Path) -> None:
+    urls = expand_shards(str(tiny_shapes / "train" / "*.tar"))
+
+    def first_keys(start_step: int, rank: int = 0) -> list[str]:
+        pipe = _pipeline(
+            tokenizer,
+            urls,
+            200,
+            batch_size=4,
+            training=True,
+            shuffle_buffer=8,
+            start_step=start_step,
+            placement=Placement(rank, 2),
+        )
+        it = iter(pipe)
+        return [k for _ in range(4) for k in next(it)["keys"]]
+
+    assert first_keys(0) == first_keys(0)
+    assert first_keys(0) != first_keys(5)  # resumed at step 5: not a replay of the first steps
+    assert first_keys(0, rank=0) != first_keys(0, rank=1)  # ranks draw different streams

@@ -139,3 +139,29 @@ def test_fit_with_sliding_window_backbones_validates_through_kv_removal(
     assert [row.split(",")[column] for row in rows if row.split(",")[column]]  # validation decoded and scored
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["recipe"]["model"]["backbone"]["config"]["model_type"] == model_type
+
+
+@pytest.mark.parametrize("skip", [SKIP, {"policy": {"name": "router", "num_retained": N_R}, "num_skipped": N_S}])
+def test_spmd_text_only_batch_runs_the_vision_side_without_changing_the_loss(tokenizer, skip: dict) -> None:
+    """docs/distributed.md "SPMD": a distributed rank with a text-only batch still calls the encoder, projector and
+    summary pooling (and a learned policy), so its DDP/FSDP collectives match its peers'; the loss is unchanged and
+    the vision parameters get zero gradients."""
+    model = build(tokenizer, skip).train()
+    batch = make_batch(tokenizer, model)
+    text = batch["num_images"] == 0  # the text-only sample
+    ids, mask = batch["input_ids"][text], batch["attention_mask"][text]
+    labels = ids.clone()
+
+    calls = []
+    for module in (model.projector, model.visual.summary, model.visual.policy):
+        module.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    plain = model(ids, mask, None, torch.tensor([0]), labels)
+    assert calls == []
+    model.spmd = True
+    spmd = model(ids, mask, None, torch.tensor([0]), labels)
+    assert set(calls) >= {type(model.projector).__name__, "SummaryPooling"}
+    assert torch.equal(spmd.logits, plain.logits) and torch.equal(spmd.loss, plain.loss)
+    spmd.loss.backward()
+    vision = [*model.encoder.parameters(), *model.projector.parameters(), *model.visual.parameters()]
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in vision)  # the encoder ran too
+    assert any(torch.count_nonzero(p.grad) > 0 for p in model.backbone.parameters())

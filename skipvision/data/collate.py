@@ -10,6 +10,7 @@ A batch holds (B samples, M images in total, T tokens, P prompt tokens)::
     num_images     [B]     images per sample, so the model can check every sample's slot count
     prompt_ids     [B, P]  left-padded generation prompts (validation only), with prompt_mask [B, P]
     answers, qtypes, keys  lists of strings
+    fillers        list of bools: True for the text-only padding samples of validation (pipeline.EvenSplit)
     data_errors    int     samples skipped by this worker since its previous batch (see pipeline.ErrorPolicy)
 """
 
@@ -46,6 +47,7 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int, data_errors: int = 0
         "answers": [s["answer"] for s in samples],
         "qtypes": [s["qtype"] for s in samples],
         "keys": [s["key"] for s in samples],
+        "fillers": [bool(s.get("filler", False)) for s in samples],
         "data_errors": data_errors,
     }
     images = [img for s in samples for img in s["images"]]

@@ -1,8 +1,17 @@
 """WebDataset pipeline: shards -> decoded, tokenised samples -> batches (docs/design.md "Data").
 
-Training streams resampled shards (an endless stream, seeded per rank and worker, so a restarted job neither
-repeats nor skips a fixed stretch of data) or, with ``resampled=False``, shuffled shard epochs split by node and
-worker. Validation reads every shard once, split by node and worker.
+Every rank and DataLoader worker is one *reader*; the :class:`Placement` (rank, world) comes from the trainer, the
+worker from PyTorch. Readers must agree on the number of batches, or distributed ranks end up in different
+collectives and hang (docs/distributed.md "Data"):
+
+- Training streams resampled shards (endless, seeded per reader and by the step the run starts at, so a resumed run
+  draws a fresh stream) or, with ``resampled=False``, shuffled passes over shards split evenly between the readers
+  (each pass gives every reader the same number of shards). ``epoch_batches`` cuts the stream into Lightning epochs
+  of that many batches per rank; several readers without resampling need it, since shards differ in length.
+- Validation reads every sample once: each reader reads all shards but decodes only every (readers)-th sample, and
+  pads its share with filler samples up to the largest share, so every rank runs the same number of validation
+  steps however few shards there are. Fillers are one-token text-only samples marked ``filler``; they carry no
+  labels and are left out of the metrics.
 
 Bad input never yields a silent wrong result: a corrupt image, a missing field, a placeholder/image mismatch or
 a sample over ``max_length`` raises ``DataError`` naming the shard and the sample key. The ``ErrorPolicy``
@@ -14,11 +23,13 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import logging
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import braceexpand
 import torch
@@ -26,7 +37,7 @@ import webdataset as wds
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from skipvision.data.chat import encode_conversation
+from skipvision.data.chat import IGNORE_INDEX, encode_conversation
 from skipvision.data.collate import collate
 from skipvision.errors import SkipvisionError
 
@@ -77,6 +88,7 @@ class SampleEncoder:
         transform: Callable[[Image.Image], torch.Tensor],
         max_length: int,
         with_prompt: bool = False,
+        question_types: tuple[str, ...] = (),
     ) -> None:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
@@ -84,6 +96,7 @@ class SampleEncoder:
         self.transform = transform
         self.max_length = max_length
         self.with_prompt = with_prompt
+        self.question_types = question_types  # declared types; a sample's qtype must be one (when any are declared)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
@@ -103,17 +116,31 @@ class SampleEncoder:
         )
         if len(enc.input_ids) > self.max_length:
             raise ValueError(f"{len(enc.input_ids)} tokens, over data.max_length={self.max_length}")
+        qtype = meta.get("qtype", "all")
+        if self.question_types and qtype not in self.question_types:
+            raise ValueError(
+                f"question type {qtype!r} is not declared; declared types: {', '.join(self.question_types)} "
+                "(eval.question_types, or question_types in the dataset's meta.json)"
+            )
         out = {
             "key": sample.get("__key__", ""),
             "input_ids": enc.input_ids,
             "labels": enc.labels,
             "images": images,
             "answer": enc.answer,
-            "qtype": meta.get("qtype", "all"),
+            "qtype": qtype,
         }
         if self.with_prompt:
             out["prompt_ids"] = enc.input_ids[: enc.prompt_length]
         return out
+
+    def filler(self) -> dict[str, Any]:
+        """A one-token text-only sample with no labels that pads a reader's share of validation (module docstring)."""
+        token = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = {"key": "", "input_ids": [token], "labels": [IGNORE_INDEX], "images": [], "answer": "", "qtype": ""}
+        if self.with_prompt:
+            out["prompt_ids"] = [token]
+        return {**out, "filler": True}
 
 
 def _decode_image(data: bytes) -> Image.Image:
@@ -151,6 +178,97 @@ def expand_shards(pattern: str | list[str], on_error: str = "raise") -> list[str
     return urls
 
 
+class Placement(NamedTuple):
+    """The process a loader runs in: ``rank`` of ``world`` (the trainer's global rank and world size)."""
+
+    rank: int = 0
+    world: int = 1
+
+
+def reader_slot(placement: Placement) -> tuple[int, int]:
+    """(this reader's index, the number of readers): one reader per rank and DataLoader worker."""
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+    return placement.rank * workers + worker, placement.world * workers
+
+
+class ReaderSeed:
+    """``ResampledShards``' per-reader seed, from the trainer's rank rather than whatever torch.distributed says."""
+
+    def __init__(self, placement: Placement) -> None:
+        self.placement = placement
+
+    def __call__(self) -> int:
+        return wds.utils.make_seed(*reader_slot(self.placement))
+
+
+class ShardPasses(torch.utils.data.IterableDataset):
+    """Training without resampling: shuffled passes over the shards, each reader taking the same number of shards
+    per pass (the shuffled remainder sits out that pass). One pass per iteration, or endless passes with
+    ``endless`` (the stream is then cut by :class:`EpochLength`); every iteration starts a new shuffle."""
+
+    def __init__(self, urls: list[str], placement: Placement, seed: int, endless: bool) -> None:
+        super().__init__()
+        self.urls, self.placement, self.seed, self.endless = list(urls), placement, seed, endless
+        self.epoch = -1
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        self.epoch += 1
+        slot, slots = reader_slot(self.placement)
+        share = len(self.urls) // slots
+        if share == 0:
+            raise DataError(
+                f"{len(self.urls)} training shard(s) for {slots} readers (ranks x data.num_workers) with "
+                "data.resampled=false: every reader needs a shard; use more shards, fewer workers, or "
+                "data.resampled=true"
+            )
+        for turn in itertools.count() if self.endless else range(1):
+            order = list(self.urls)
+            random.Random(wds.utils.make_seed(self.seed, self.epoch, turn)).shuffle(order)
+            for url in order[slot * share : (slot + 1) * share]:
+                yield {"url": url}
+
+
+class EvenSplit:
+    """Validation: this reader's share of the samples, decoded, padded with fillers to the largest share.
+
+    Every reader sees every raw sample (in shard order) and decodes those whose index falls on its slot, so shares
+    differ by at most one whatever the shard count; at the end all readers know the total and pad to the same count.
+    A sample that fails to decode under ``on_error=skip`` becomes a filler (and is counted), never a gap.
+    """
+
+    def __init__(self, encoder: SampleEncoder, policy: ErrorPolicy, placement: Placement) -> None:
+        self.encoder, self.policy, self.placement = encoder, policy, placement
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        slot, slots = reader_slot(self.placement)
+        seen = mine = 0
+        for index, sample in enumerate(samples):
+            seen = index + 1
+            if index % slots != slot:
+                continue
+            mine += 1
+            try:
+                yield self.encoder(sample)
+            except DataError as err:
+                self.policy(err)  # re-raises under on_error=raise
+                yield self.encoder.filler()
+        for _ in range(-(-seen // slots) - mine):
+            yield self.encoder.filler()
+
+
+class EpochLength:
+    """Cuts an endless stream of batches into epochs of ``batches`` per rank, shared out between the workers."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        yield from itertools.islice(src, self.batches // workers + (worker < self.batches % workers))
+
+
 def build_pipeline(
     urls: list[str],
     encoder: SampleEncoder,
@@ -162,21 +280,42 @@ def build_pipeline(
     resampled: bool = True,
     shuffle_buffer: int = 1000,
     seed: int = 0,
+    placement: Placement | None = None,
+    epoch_batches: int | None = None,
+    start_step: int = 0,
 ) -> wds.DataPipeline:
-    """The full shard -> batch pipeline; iterate it through a DataLoader with ``batch_size=None``."""
+    """The full shard -> batch pipeline; iterate it through a DataLoader with ``batch_size=None``.
+
+    ``start_step`` (the global step a resumed run starts at) reseeds the training stream, so a resumed run does not
+    replay the samples of its first steps (module docstring).
+    """
+    placement = placement or Placement()
     policy = ErrorPolicy(on_error)
-    if training and resampled:
-        stages: list[Any] = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    collation = Collator(pad_id, policy)
+    if not training:
+        return wds.DataPipeline(
+            wds.SimpleShardList(urls),
+            wds.tarfile_to_samples(handler=policy),
+            EvenSplit(encoder, policy, placement),
+            wds.batched(batch_size, collation_fn=collation, partial=True),
+        )
+    stream_seed = wds.utils.make_seed(seed, start_step)
+    if resampled:
+        shards: Any = wds.ResampledShards(urls, seed=stream_seed, worker_seed=ReaderSeed(placement), deterministic=True)
     else:
-        stages = [wds.SimpleShardList(urls)]
-        if training:
-            stages.append(wds.detshuffle(bufsize=len(urls), seed=seed))
-        stages += [wds.split_by_node, wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=policy))
-    if training:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
-    stages += [
+        if epoch_batches is None and placement.world > 1:
+            raise DataError(
+                "data.resampled=false on several ranks needs data.epoch_batches (batches per rank per epoch): "
+                "shards differ in length, so ranks would end their epochs at different steps"
+            )
+        shards = ShardPasses(urls, placement, stream_seed, endless=epoch_batches is not None)
+    stages: list[Any] = [
+        shards,
+        wds.tarfile_to_samples(handler=policy),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=stream_seed),
         wds.map(encoder, handler=policy),
-        wds.batched(batch_size, collation_fn=Collator(pad_id, policy), partial=not training),
+        wds.batched(batch_size, collation_fn=collation, partial=False),
     ]
+    if epoch_batches is not None:
+        stages.append(EpochLength(epoch_batches))
     return wds.DataPipeline(*stages)

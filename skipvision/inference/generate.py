@@ -15,6 +15,7 @@ the device unless stop strings need the text (or, on CUDA, one step late, whethe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -121,12 +122,17 @@ def generate_tokens(
     config: GenerationConfig,
     eos_token_id: int | None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    agree: Callable[[bool], bool] | None = None,
 ) -> list[Generation]:
     """Generate for a left-padded prompt batch ``prompt_ids``/``prompt_mask`` [B, P] with its images.
 
     ``num_images`` [B] says how many of ``pixel_values`` [M, ...] belong to each row, in order (0: text-only).
     Stop strings and texts need ``tokenizer``. Tokens stay on the device until the end; the host reads them every
     step only for stop strings (:mod:`.stopping`), and the timing never waits for the device (:mod:`.stats`).
+
+    ``agree`` (distributed validation) takes this process's "every row has ended" after each step and returns
+    whether every process's rows have: the loop runs until all agree, so every rank runs the same number of forwards
+    and joins the same collectives (docs/distributed.md "SPMD"); the extra steps' tokens are dropped.
     """
     if config.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the generated text")
@@ -144,7 +150,8 @@ def generate_tokens(
     chooser = TokenChooser(config, device)
     stopping = Stopping(room, config.max_new_tokens, eos_token_id, device, stop_strings=bool(config.stop))
     stop_strings = StopStrings(tokenizer, config.stop, batch, eos_token_id) if config.stop else None
-    tokens = prompt_ids.new_zeros(batch, max(room))  # [B, steps] the chosen ids, on the device
+    width = config.max_new_tokens if agree is not None else max(room)  # other ranks may run up to the full budget
+    tokens = prompt_ids.new_zeros(batch, width)  # [B, steps] the chosen ids, on the device
     logits = pre.logits  # [B, V] the logits the next token is chosen from
     step_logits = []  # per step [B, V] (output_logits only)
     step = 0
@@ -158,7 +165,10 @@ def generate_tokens(
         stopping.update(step, token)
         if stop_strings is not None:
             stopping.stop(stop_strings.feed(token.tolist()), step)
-        if stopping.done(step):
+        finished = stopping.done(step)
+        if agree is not None:
+            finished = agree(finished)
+        if finished:
             break
         logits = decoder(token)
 

@@ -1,7 +1,13 @@
-"""LightningDataModule over WebDataset shards (docs/design.md "Data": node and worker splitting)."""
+"""LightningDataModule over WebDataset shards (docs/distributed.md "Data": readers, even validation, epochs).
+
+The loaders are built when Lightning asks for them, after the trainer has set up the processes and restored any
+checkpoint, so each knows its rank in the world (:class:`~skipvision.data.pipeline.Placement`) and the step a
+resumed run starts at.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -9,10 +15,22 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from skipvision.data.pipeline import SampleEncoder, build_pipeline, expand_shards
+from skipvision.data.pipeline import Placement, SampleEncoder, build_pipeline, expand_shards
 from skipvision.data.tokenizer import IMAGE_TOKEN
 from skipvision.data.views import image_views
 from skipvision.encoders.base import VisionEncoder
+
+
+def declared_question_types(data: DictConfig, evaluation: DictConfig) -> tuple[str, ...]:
+    """The question types validation accuracy is reported for, the same on every rank and known before any data is
+    read: ``eval.question_types``, else the ``question_types`` of ``<data.root>/meta.json``, else none (only
+    ``val/acc_all``)."""
+    if evaluation.question_types is not None:
+        return tuple(evaluation.question_types)
+    meta = Path(data.root) / "meta.json"
+    if meta.is_file():
+        return tuple(json.loads(meta.read_text()).get("question_types", ()))
+    return ()
 
 
 class WebDataModule(L.LightningDataModule):
@@ -26,6 +44,7 @@ class WebDataModule(L.LightningDataModule):
         num_image_tokens: int,
         seed: int = 0,
         tiles: tuple[int, int] | None = None,
+        question_types: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.cfg = data
@@ -33,6 +52,7 @@ class WebDataModule(L.LightningDataModule):
         self.transform = image_views(encoder.image_size, encoder.mean, encoder.std, tiles)
         self.num_image_tokens = num_image_tokens
         self.seed = seed
+        self.question_types = question_types
 
     def _shards(self, split: str) -> list[str]:
         pattern = self.cfg[f"{split}_shards"] or str(Path(self.cfg.root) / split / "*.tar")
@@ -46,7 +66,10 @@ class WebDataModule(L.LightningDataModule):
             self.transform,
             self.cfg.max_length,
             with_prompt=not training,
+            question_types=() if training else self.question_types,
         )
+        trainer = self.trainer
+        placement = Placement() if trainer is None else Placement(trainer.global_rank, trainer.world_size)
         pipeline = build_pipeline(
             self._shards(split),
             encoder,
@@ -57,6 +80,9 @@ class WebDataModule(L.LightningDataModule):
             resampled=self.cfg.resampled,
             shuffle_buffer=self.cfg.shuffle_buffer,
             seed=self.seed,
+            placement=placement,
+            epoch_batches=self.cfg.epoch_batches,
+            start_step=0 if trainer is None else trainer.global_step,
         )
         workers = self.cfg.num_workers
         return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)

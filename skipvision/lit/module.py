@@ -5,15 +5,22 @@ to ``lr * min_lr_ratio`` at ``trainer.max_steps``. Answer accuracy greedy-decode
 answer through the inference loop (skipvision/inference/generate.py: KV removal after prefill unless
 ``eval.drop_kv`` is false) and compares it with the reference (case and surrounding space ignored), per question
 type.
+
+Distributed runs stay in step (docs/distributed.md "SPMD"): the accuracy metrics are declared up front from the
+dataset's question types, in the same order on every rank; a text-only batch still runs the vision side
+(``VisionLanguageModel.spmd``); generation runs until every rank's rows have ended; validation fillers
+(``batch["fillers"]``) count for nothing.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
@@ -33,7 +40,7 @@ def normalise_answer(text: str) -> str:
 class VLMLitModule(L.LightningModule):
     """Wraps ``VisionLanguageModel``; the resolved recipe is stored in every checkpoint's hyperparameters."""
 
-    def __init__(self, recipe: dict[str, Any], tokenizer_path: str) -> None:
+    def __init__(self, recipe: dict[str, Any], tokenizer_path: str, question_types: Sequence[str] = ()) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.cfg: DictConfig = OmegaConf.create(recipe)
@@ -45,8 +52,11 @@ class VLMLitModule(L.LightningModule):
             if self.cfg.optim[f"freeze_{part}"]:
                 self.component(part).requires_grad_(False)
         self.val_loss = MeanMetric()
-        self.val_accuracy = nn.ModuleDict()
+        self.val_accuracy = nn.ModuleDict({key: MeanMetric() for key in ("all", *question_types)})
         self.data_errors = 0
+
+    def setup(self, stage: str) -> None:
+        self.model.spmd = self.trainer.world_size > 1
 
     def component(self, part: str) -> nn.Module:
         return {"encoder": self.model.encoder, "projector": self.model.projector, "llm": self.model.backbone}[part]
@@ -83,20 +93,30 @@ class VLMLitModule(L.LightningModule):
             self.generation,
             self.tokenizer.eos_token_id,
             self.tokenizer,
+            agree=self.all_ranks_agree if self.trainer.world_size > 1 else None,
         )
-        texts = [g.text for g in generations]
-        for text, answer, qtype in zip(texts, batch["answers"], batch["qtypes"], strict=True):
-            correct = float(normalise_answer(text) == normalise_answer(answer))
-            for key in (qtype, "all"):
-                if key not in self.val_accuracy:
-                    self.val_accuracy[key] = MeanMetric().to(self.device)
-                self.val_accuracy[key].update(correct)
+        rows = zip(generations, batch["answers"], batch["qtypes"], batch["fillers"], strict=True)
+        for generation, answer, qtype, filler in rows:
+            if filler:
+                continue
+            correct = float(normalise_answer(generation.text) == normalise_answer(answer))
+            for key in dict.fromkeys(("all", qtype)):
+                if key in self.val_accuracy:
+                    self.val_accuracy[key].update(correct)
+
+    def all_ranks_agree(self, answer: bool) -> bool:
+        """True when ``answer`` is True on every rank (one all-reduce)."""
+        flag = torch.tensor(int(answer), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
         self.val_loss.reset()
         for qtype, metric in self.val_accuracy.items():
-            self.log(f"val/acc_{qtype}", metric.compute(), prog_bar=qtype == "all", sync_dist=True)
+            value = metric.compute()  # over all ranks; the same on each, so each skips the same types
+            if not torch.isnan(value):
+                self.log(f"val/acc_{qtype}", value, prog_bar=qtype == "all", sync_dist=True)
             metric.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:

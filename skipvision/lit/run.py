@@ -27,7 +27,7 @@ from skipvision.data.shapes import ShapesSettings, dataset_is_complete, generate
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.errors import MissingFileError
 from skipvision.lit.callbacks import SaveRecipe, Throughput
-from skipvision.lit.datamodule import WebDataModule
+from skipvision.lit.datamodule import WebDataModule, declared_question_types
 from skipvision.lit.module import VLMLitModule
 from skipvision.recipe import RecipeError, save_recipe
 from skipvision.registry import import_modules, load_entry_point_plugins
@@ -150,9 +150,12 @@ def build(cfg: DictConfig) -> tuple[VLMLitModule, WebDataModule, Path]:
             load_tokenizer(source).save_pretrained(tokenizer_dir)
         save_recipe(cfg, run_dir / "recipe.yaml")
     recipe: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    module = VLMLitModule(recipe, str(tokenizer_dir))
+    question_types = declared_question_types(cfg.data, cfg.eval)
+    module = VLMLitModule(recipe, str(tokenizer_dir), question_types)
     model = module.model
-    datamodule = WebDataModule(cfg.data, module.tokenizer, model.encoder, model.num_image_tokens, cfg.seed, model.tiles)
+    datamodule = WebDataModule(
+        cfg.data, module.tokenizer, model.encoder, model.num_image_tokens, cfg.seed, model.tiles, question_types
+    )
     return module, datamodule, run_dir
 
 

@@ -1,0 +1,150 @@
+"""Multi-process fits that must never hang: 2 CPU ranks with gloo, through the real CLI and Lightning's launcher.
+
+docs/distributed.md "SPMD" and "Data": one validation shard for two ranks, a text-only batch on one rank, question
+types only one rank sees, and 2 "nodes" of one process each. Each run has a deadline that fails the test (and kills
+every rank) instead of hanging CI. The 2-rank validation must equal a single-process validation of the same
+checkpoint: every sample counted once, fillers counted never.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from skipvision.data.shapes import QUESTION_TYPES
+from skipvision.lit.run import validate
+from skipvision.recipe import load_recipe
+
+from .conftest import TINY_RECIPE
+from .processes import free_port, process_env, run_all, run_cli
+
+TIMEOUT_S = 240.0
+RARE = "rare"  # a question type only the first validation sample has, so only rank 0 ever sees it
+
+
+def raw_samples(shard: Path) -> list[dict]:
+    pipeline = wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples())
+    return [{k: v for k, v in s.items() if k in ("__key__", "json", "png")} for s in pipeline]
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return path
+
+
+def with_json(sample: dict, **changes: object) -> dict:
+    meta = json.loads(sample["json"])
+    meta.update(changes)
+    return {**sample, "json": json.dumps(meta).encode()}
+
+
+def text_only(sample: dict) -> dict:
+    """The sample without its image: the placeholder leaves the first turn."""
+    meta = json.loads(sample["json"])
+    first = meta["conversations"][0]
+    first["value"] = first["value"].replace("<image>\n", "").replace("<image>", "")
+    return {"__key__": sample["__key__"] + "_text", "json": json.dumps(meta).encode()}
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A validation shard whose first sample has the type ``rare``; an image-only and a text-only training shard."""
+    out = tmp_path_factory.mktemp("shards")
+    val = raw_samples(next((tiny_shapes / "val").glob("*.tar")))
+    val[0] = with_json(val[0], qtype=RARE)
+    train = raw_samples(sorted((tiny_shapes / "train").glob("*.tar"))[0])
+    return {
+        "val": write_shard(out / "val-rare.tar", val),
+        "images": write_shard(out / "train-images.tar", train),
+        "text": write_shard(out / "train-text.tar", [text_only(s) for s in train]),
+    }
+
+
+def overrides(tiny_shapes: Path, shards: dict[str, Path], run: Path, *extra: str) -> list[str]:
+    return [
+        f"data.root={tiny_shapes}",
+        f"output_dir={run}",
+        f"data.val_shards={shards['val']}",
+        f"eval.question_types=[{','.join((*QUESTION_TYPES, RARE))}]",
+        "trainer.limit_val_batches=null",  # all 24 validation samples: 2 batches of 8 per rank, fillers included
+        "trainer.accelerator=cpu",
+        "eval.max_new_tokens=3",
+        *extra,
+    ]
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(open(run / "logs" / "version_0" / "metrics.csv")))
+
+
+def logged(rows: list[dict[str, str]], prefix: str) -> dict[str, float]:
+    return {k: float(v) for r in rows for k, v in r.items() if k.startswith(prefix) and v}
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_shapes: Path, shards: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    args = overrides(tiny_shapes, shards, run, "trainer.devices=2", "trainer.strategy=ddp")
+    run_cli(["fit", "--recipe", str(TINY_RECIPE), *args], run.parent / "fit.log", TIMEOUT_S)
+    return run
+
+
+def test_two_ranks_one_val_shard_validate_every_sample_once(
+    two_rank_run: Path, tiny_shapes: Path, shards: dict[str, Path]
+) -> None:
+    rows = metrics(two_rank_run)
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == [0, 1]  # one run, each step once
+    two_ranks = logged(rows, "val/")
+    cfg = load_recipe(TINY_RECIPE, overrides(tiny_shapes, shards, two_rank_run.parent / "validate"))
+    (single,) = validate(cfg, str(two_rank_run / "checkpoints" / "last.ckpt"))
+    # Declared up front: every type has its metric on both ranks; "rare" got its one sample from rank 0 only.
+    assert set(two_ranks) == {"val/loss", "val/acc_all", *(f"val/acc_{t}" for t in (*QUESTION_TYPES, RARE))}
+    assert two_ranks["val/acc_rare"] in (0.0, 1.0)
+    for key, value in two_ranks.items():
+        assert single[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_two_ranks_with_a_text_only_batch_on_one_rank(
+    tiny_shapes: Path, shards: dict[str, Path], tmp_path: Path
+) -> None:
+    # Two training shards for two readers: each rank reads one per pass, so one rank's batches never hold an image.
+    extra = [
+        f"data.train_shards={shards['images'].parent}/train-{{images,text}}.tar",
+        "data.resampled=false",
+        "data.epoch_batches=2",
+        "trainer.max_steps=3",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
+    run = tmp_path / "run"
+    args = overrides(tiny_shapes, shards, run, *extra)
+    run_cli(["fit", "--recipe", str(TINY_RECIPE), *args], tmp_path / "fit.log", TIMEOUT_S)
+    rows = metrics(run)
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == [0, 1, 2]
+    assert {int(r["epoch"]) for r in rows if r["train/loss"]} == {0, 1}  # epochs of 2 batches per rank
+
+
+def test_two_nodes_of_one_process_match_one_node_of_two(
+    two_rank_run: Path, tiny_shapes: Path, shards: dict[str, Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    args = overrides(tiny_shapes, shards, run, "trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy=ddp")
+    command = [sys.executable, "-m", "skipvision", "fit", "--recipe", str(TINY_RECIPE), *args]
+    port = str(free_port())
+    envs = [process_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(n)) for n in range(2)]
+    logs = [tmp_path / f"node{n}.log" for n in range(2)]
+    # Both "nodes" run on this host; each reads its node rank from NODE_RANK, as on a real cluster without SLURM.
+    run_all([command, command], logs, TIMEOUT_S, envs)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1].read_text()
+    nodes, one_node = metrics(run), metrics(two_rank_run)
+    assert logged(nodes, "train/loss") == pytest.approx(logged(one_node, "train/loss"), rel=1e-6)
+    losses = [float(r["train/loss"]) for r in nodes if r["train/loss"]]
+    assert losses == pytest.approx([float(r["train/loss"]) for r in one_node if r["train/loss"]], rel=1e-6)
+    assert logged(nodes, "val/") == pytest.approx(logged(one_node, "val/"), rel=1e-5)
