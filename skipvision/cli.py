@@ -1,7 +1,7 @@
 """``python -m skipvision <command>``: thin argument parsing over the library (docs/cli.md).
 
-Commands: fit, validate, generate, bench, data, list, print-recipe, flops. Each command imports what it needs when
-it runs, so ``--help`` and ``list`` answer without loading torch (scripts/bench_cli_startup.py measures it). Errors
+Commands: fit, validate, slurm, generate, bench, data, list, print-recipe, flops. Each command imports what it needs
+when it runs, so ``--help`` and ``list`` answer without loading torch (scripts/bench_cli_startup.py measures it). Errors
 a user can cause (:class:`~skipvision.errors.SkipvisionError`: bad recipe keys, unknown registry names, missing
 files, bad data or requests) print one line and exit with status 2; anything else is a bug and keeps its traceback
 (docs/cli.md "Errors").
@@ -15,6 +15,7 @@ import sys
 from skipvision.bench import cli as bench_cli
 from skipvision.errors import SkipvisionError
 from skipvision.inference import cli as generate_cli
+from skipvision.launch import cli as slurm_cli
 from skipvision.registry import REGISTRIES
 
 
@@ -39,9 +40,13 @@ def make_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="validation loss and answer accuracy of a checkpoint")
     _add_recipe_args(val)
     val.add_argument("--checkpoint", required=True, help="a .ckpt file written by fit")
+    slurm_cli.add_parser(sub)
     generate_cli.add_parser(sub)
     bench_cli.add_parser(sub)
     _add_recipe_args(sub.add_parser("print-recipe", help="print the resolved recipe"))
+    merge = sub.add_parser("consolidate", help="a checkpoint's model weights (FSDP shards too) as one safetensors")
+    merge.add_argument("--checkpoint", required=True, help="a run folder, a .ckpt file or an FSDP .ckpt folder")
+    merge.add_argument("--out", required=True, help="the .safetensors file to write")
 
     flops = sub.add_parser("flops", help="LLM prefill FLOPs of the paper's settings, full model vs Skip-Vision")
     flops.add_argument("--text-tokens", type=_count, default=40, help="prompt text tokens per sample besides the image")
@@ -101,10 +106,16 @@ def run(args: argparse.Namespace) -> None:
         bench_cli.run(args)
     elif args.command == "generate":
         generate_cli.run_generate(args)
+    elif args.command == "slurm":
+        slurm_cli.run_slurm(args)
     elif args.command == "print-recipe":
         from skipvision.recipe import load_recipe, to_yaml
 
         print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    elif args.command == "consolidate":
+        from skipvision.inference.checkpoint import consolidate
+
+        print(f"wrote {consolidate(args.checkpoint, args.out)} tensors to {args.out}")
     elif args.command == "flops":
         from rich.console import Console
 

@@ -98,7 +98,8 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto | ddp | ddp_find_unused_parameters_true | fsdp (FSDP2; docs/distributed.md)
+    activation_checkpointing: bool = False  # recompute the decoder layers in backward (saves activation memory)
     logger: str = "csv"  # csv | tensorboard | none
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
@@ -109,7 +110,7 @@ class TrainerConfig:
 class CheckpointConfig:
     every_n_steps: int | None = None  # None: only at the end of fit
     save_last: bool = True
-    resume: str | None = None  # None | last | path to a .ckpt
+    resume: str | None = None  # None | last | auto (newest hpc or last checkpoint, else fresh) | a .ckpt path
 
 
 @dataclass

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
+from safetensors.torch import load_file
 
+from skipvision.cli import main
 from skipvision.data.shapes import QUESTION_TYPES
+from skipvision.inference.checkpoint import model_weights, read_sharded
 from skipvision.lit.run import validate
 from skipvision.recipe import load_recipe
 
@@ -111,24 +116,71 @@ def test_two_ranks_one_val_shard_validate_every_sample_once(
         assert single[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-def test_two_ranks_with_a_text_only_batch_on_one_rank(
-    tiny_shapes: Path, shards: dict[str, Path], tmp_path: Path
-) -> None:
-    # Two training shards for two readers: each rank reads one per pass, so one rank's batches never hold an image.
-    extra = [
-        f"data.train_shards={shards['images'].parent}/train-{{images,text}}.tar",
-        "data.resampled=false",
-        "data.epoch_batches=2",
-        "trainer.max_steps=3",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-    ]
-    run = tmp_path / "run"
-    args = overrides(tiny_shapes, shards, run, *extra)
-    run_cli(["fit", "--recipe", str(TINY_RECIPE), *args], tmp_path / "fit.log", TIMEOUT_S)
-    rows = metrics(run)
+# Skip-Vision on, two training shards for two readers: each rank reads one per pass, so one rank's batches never hold
+# an image while the other's keep a different number of FFN rows per batch.
+SKIP_MIXED = [
+    "model.skip.policy={name: attention_score, num_retained: 4}",
+    "model.skip.num_skipped=4",
+    "data.resampled=false",
+    "data.epoch_batches=2",
+    "trainer.max_steps=3",
+    "trainer.devices=2",
+]
+
+
+def fit_mixed(tiny_shapes: Path, shards: dict[str, Path], run: Path, *extra: str) -> Path:
+    train = f"data.train_shards={shards['images'].parent}/train-{{images,text}}.tar"
+    args = overrides(tiny_shapes, shards, run, train, *SKIP_MIXED, *extra)
+    run_cli(["fit", "--recipe", str(TINY_RECIPE), *args], run.parent / f"{run.name}-fit.log", TIMEOUT_S)
+    return run
+
+
+@pytest.fixture(scope="module")
+def ddp_mixed(tiny_shapes: Path, shards: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fit_mixed(tiny_shapes, shards, tmp_path_factory.mktemp("ddp_mixed") / "run", "trainer.strategy=ddp")
+
+
+@pytest.fixture(scope="module")
+def fsdp_mixed(tiny_shapes: Path, shards: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fit_mixed(tiny_shapes, shards, tmp_path_factory.mktemp("fsdp_mixed") / "run", "trainer.strategy=fsdp")
+
+
+def test_two_ranks_with_a_text_only_batch_on_one_rank(ddp_mixed: Path) -> None:
+    rows = metrics(ddp_mixed)
     assert [int(r["step"]) for r in rows if r["train/loss"]] == [0, 1, 2]
     assert {int(r["epoch"]) for r in rows if r["train/loss"]} == {0, 1}  # epochs of 2 batches per rank
+
+
+def test_fsdp_equals_ddp_and_consolidates_to_the_same_weights(ddp_mixed: Path, fsdp_mixed: Path) -> None:
+    """docs/distributed.md "FSDP": sharded per layer and block, built on the meta device and filled from rank 0, the
+    same run gives DDP's losses and metrics (fp32, 1e-5) and, consolidated from its shards, DDP's weights."""
+    fsdp, ddp = metrics(fsdp_mixed), metrics(ddp_mixed)
+    losses = [float(r["train/loss"]) for r in fsdp if r["train/loss"]]
+    assert losses == pytest.approx([float(r["train/loss"]) for r in ddp if r["train/loss"]], rel=1e-5)
+    assert logged(fsdp, "val/") == pytest.approx(logged(ddp, "val/"), rel=1e-5, abs=1e-6)
+    last = fsdp_mixed / "checkpoints" / "last.ckpt"
+    assert (last / ".metadata").is_file() and len(list(last.glob("*.distcp"))) == 2  # one shard file per rank
+
+    out = fsdp_mixed.parent / "model.safetensors"
+    assert main(["consolidate", "--checkpoint", str(fsdp_mixed), "--out", str(out)]) == 0
+    merged = load_file(out)
+    reference = model_weights(ddp_mixed / "checkpoints" / "last.ckpt")
+    assert merged.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fsdp_resumes_from_its_sharded_checkpoint(
+    fsdp_mixed: Path, tiny_shapes: Path, shards: dict[str, Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(fsdp_mixed, run)
+    fit_mixed(tiny_shapes, shards, run, "trainer.strategy=fsdp", "trainer.max_steps=5", "checkpoint.resume=last")
+    resumed = list(csv.DictReader(open(run / "logs" / "version_1" / "metrics.csv")))
+    assert [int(r["step"]) for r in resumed if r["train/loss"]] == [3, 4]  # the step count continues
+    state = read_sharded(run / "checkpoints" / "last.ckpt")
+    steps = {float(s["step"]) for s in state["optimizer_0"]["state"].values()}
+    assert steps == {5.0}  # AdamW's own step counts came back with the shards (a fresh optimizer would say 2)
 
 
 def test_two_nodes_of_one_process_match_one_node_of_two(

@@ -149,3 +149,29 @@ def test_module_hyperparameters_rebuild_the_same_model(tiny_overrides: list[str]
     clone = VLMLitModule(**module.hparams)
     assert clone.model.num_image_tokens == module.model.num_image_tokens == 16
     assert {k: v.shape for k, v in clone.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}
+
+
+def test_activation_checkpointing_switch_recomputes_with_the_same_gradients(tiny_overrides: list[str]) -> None:
+    """``trainer.activation_checkpointing`` turns on transformers' (non-reentrant) checkpointing of the decoder
+    layers in ``configure_model``: layer forwards run again in backward, and loss and gradients stay the same."""
+    plain, checkpointed = (
+        build(load_recipe(TINY_RECIPE, [*tiny_overrides, f"trainer.activation_checkpointing={on}"]))[0]
+        for on in ("false", "true")
+    )
+    batch = next(iter(build(load_recipe(TINY_RECIPE, tiny_overrides))[1].train_dataloader()))
+    results = []
+    for module in (plain, checkpointed):
+        module.configure_model()
+        module.train()
+        calls = []
+        mlp = module.model.backbone.model.layers[0].mlp
+        mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        loss = module(batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in module.named_parameters()}, len(calls)))
+    (loss0, grads0, calls0), (loss1, grads1, calls1) = results
+    assert checkpointed.model.backbone.is_gradient_checkpointing and not plain.model.backbone.is_gradient_checkpointing
+    assert (calls0, calls1) == (1, 2)  # the checkpointed layer ran again in backward (hooks inside it see it)
+    assert torch.equal(loss0, loss1)
+    for name, grad in grads0.items():
+        torch.testing.assert_close(grads1[name], grad, rtol=1e-5, atol=1e-7, msg=name)

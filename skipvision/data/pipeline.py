@@ -1,4 +1,4 @@
-"""WebDataset pipeline: shards -> decoded, tokenised samples -> batches (docs/design.md "Data").
+"""WebDataset pipeline: shards -> decoded, tokenised samples -> batches (docs/distributed.md "Data").
 
 Every rank and DataLoader worker is one *reader*; the :class:`Placement` (rank, world) comes from the trainer, the
 worker from PyTorch. Readers must agree on the number of batches, or distributed ranks end up in different

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -28,6 +30,11 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated transformer blocks (or stages), each one FSDP unit (docs/distributed.md "FSDP"); empty: the
+        encoder is sharded as a single unit."""
+        return []
+
     def forward_with_cls_attention(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features [B, N, C_v] and the [CLS] attention at the feature layer, summed over heads, at the N patch
         positions [B, N]; None for encoders without a [CLS] token (CNNs, SigLIP)."""
@@ -44,3 +51,24 @@ def cls_attention_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, 
     logits = (query.float() @ keys.float().transpose(-2, -1)) * scale  # [B, H, 1, T]
     probs = logits.softmax(dim=-1)  # [B, H, 1, T]
     return probs.sum(dim=1)[:, 0, num_prefix:]  # [B, N]
+
+
+def run_scoring_block_input(
+    block: nn.Module, run: Callable[[], torch.Tensor], score: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``run()`` (the encoder's forward, giving features) while a forward pre-hook on ``block`` computes ``score(x)``
+    without gradient from the block's input ``x`` [B, T, C]. Scoring inside the block's call means its weights are
+    there even when the block is an FSDP unit whose weights are gathered only during its call
+    (docs/distributed.md "FSDP")."""
+    scores: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        with torch.no_grad():
+            scores.append(score(args[0]))
+
+    handle = block.register_forward_pre_hook(hook)
+    try:
+        feats = run()
+    finally:
+        handle.remove()
+    return feats, scores[0]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from skipvision.encoders.base import VisionEncoder, cls_attention_scores
+from skipvision.encoders.base import VisionEncoder, cls_attention_scores, run_scoring_block_input
 from skipvision.registry import ENCODERS, RegistryError
 
 TINY_TOWER = {
@@ -79,6 +79,10 @@ class HFVisionTower(VisionEncoder):
         self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2
         self.mean, self.std = mean, std
 
+    def blocks(self) -> list[nn.Module]:
+        """The encoder layers kept up to the feature layer."""
+        return list(getattr(self.tower, "vision_model", self.tower).encoder.layers)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
         return out.hidden_states[-1][:, self.prefix_tokens :]  # [B, N, C]
@@ -86,23 +90,23 @@ class HFVisionTower(VisionEncoder):
     def forward_with_cls_attention(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features and the feature layer's [CLS] attention (summed over heads, patch positions only).
 
-        The feature layer's input is ``hidden_states[-2]``; its ``layer_norm1`` and ``q_proj``/``k_proj`` give the
-        [CLS] query and all keys, so only one attention row is formed (any ``attn_implementation``), without
-        gradient: the scores only select tokens.
+        The feature layer's ``layer_norm1`` and ``q_proj``/``k_proj`` give the [CLS] query and all keys from the
+        layer's input, inside its call (:func:`run_scoring_block_input`), so only one attention row is formed (any
+        ``attn_implementation``), without gradient: the scores only select tokens.
         """
         if not self.has_cls:
             return super().forward_with_cls_attention(pixel_values)
-        out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
-        feats = out.hidden_states[-1][:, self.prefix_tokens :]  # [B, N, C]
         layer = getattr(self.tower, "vision_model", self.tower).encoder.layers[-1]
         attn = layer.self_attn
-        with torch.no_grad():
-            h = layer.layer_norm1(out.hidden_states[-2])  # [B, T, C], the feature layer's normed input
+
+        def score(x: torch.Tensor) -> torch.Tensor:
+            h = layer.layer_norm1(x)  # [B, T, C], the feature layer's normed input
             batch, tokens, _ = h.shape
             q = attn.q_proj(h[:, :1]).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1, d]
             k = attn.k_proj(h).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, T, d]
-            scores = cls_attention_scores(q, k, attn.scale, self.prefix_tokens)  # [B, N]
-        return feats, scores
+            return cls_attention_scores(q, k, attn.scale, self.prefix_tokens)  # [B, N]
+
+        return run_scoring_block_input(layer, lambda: self.forward(pixel_values), score)  # [B, N, C], [B, N]
 
 
 def _processor_stats(path: Path, mean: tuple, std: tuple) -> tuple[tuple, tuple]:

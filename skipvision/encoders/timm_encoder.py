@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from timm.layers import Attention
 
-from skipvision.encoders.base import VisionEncoder, cls_attention_scores
+from skipvision.encoders.base import VisionEncoder, cls_attention_scores, run_scoring_block_input
 from skipvision.registry import ENCODERS, RegistryError
 
 TINY_VIT = {
@@ -75,6 +75,10 @@ class TimmEncoder(VisionEncoder):
             and hasattr(block, "norm1")
         )
 
+    def blocks(self) -> list[torch.nn.Module]:
+        """ViT-style ``blocks`` (those kept up to the feature layer); CNNs without them are one unit."""
+        return list(self.model.blocks) if hasattr(self.model, "blocks") else []
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         (feats,) = self.model.forward_intermediates(
             pixel_values, indices=self.take_indices, intermediates_only=True, output_fmt="NCHW"
@@ -84,26 +88,17 @@ class TimmEncoder(VisionEncoder):
     def forward_with_cls_attention(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features and the feature block's [CLS] attention (summed over heads, patch positions only).
 
-        The feature block's output is the features; its attention is computed from its input, which a forward
-        pre-hook captures during the ordinary forward. Only the [CLS] query row is formed (no [T, T] map), without
-        gradient: the scores only select tokens.
+        The feature block's output is the features; its attention is computed from its input, inside the block's
+        call (:func:`run_scoring_block_input`), during the ordinary forward. Only the [CLS] query row is formed (no
+        [T, T] map), without gradient: the scores only select tokens.
         """
         if not self.has_cls:
             return super().forward_with_cls_attention(pixel_values)
         block = self.model.blocks[self.take_indices[-1]]
-        captured: list[torch.Tensor] = []
-
-        def capture(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            captured.append(args[0])  # [B, T, C], the feature block's input, prefix tokens included
-
-        handle = block.register_forward_pre_hook(capture)
-        try:
-            feats = self.forward(pixel_values)  # [B, N, C]
-        finally:
-            handle.remove()
-        with torch.no_grad():
-            scores = _timm_cls_attention(block, captured[0], self.model.num_prefix_tokens)  # [B, N]
-        return feats, scores
+        num_prefix = self.model.num_prefix_tokens
+        return run_scoring_block_input(
+            block, lambda: self.forward(pixel_values), lambda x: _timm_cls_attention(block, x, num_prefix)
+        )  # [B, N, C], [B, N]
 
 
 def _timm_cls_attention(block: torch.nn.Module, x: torch.Tensor, num_prefix: int) -> torch.Tensor:

@@ -1,18 +1,23 @@
 """Load a trained model from a run folder without Lightning, for generation and the Python API.
 
 A run folder (``output_dir`` of ``fit``) holds ``recipe.yaml``, ``tokenizer/`` and ``checkpoints/*.ckpt``. Any of
-these resolves to the same three files: the run folder, its ``checkpoints/`` folder, or one ``.ckpt`` file in it.
-The model is rebuilt from the recipe exactly as training built it, then the checkpoint's weights are loaded
-strictly (a missing or unexpected tensor is an error, never a silently half-loaded model).
+these resolves to the same three files: the run folder, its ``checkpoints/`` folder, or one ``.ckpt`` in it. A
+``.ckpt`` is a file, or with FSDP a folder of shards (PyTorch distributed checkpoint), read here in one process
+(docs/distributed.md "Checkpoints"). The model is rebuilt from the recipe exactly as training built it, then the
+checkpoint's weights are loaded strictly (a missing or unexpected tensor is an error, never a silently half-loaded
+model). :func:`consolidate` writes a checkpoint's model weights as one safetensors file.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import PreTrainedTokenizerBase
 
 from skipvision.data.tokenizer import load_tokenizer
@@ -28,9 +33,14 @@ class CheckpointError(SkipvisionError, FileNotFoundError):
     """A checkpoint path is missing files the model needs."""
 
 
+def is_sharded(path: Path) -> bool:
+    """Whether ``path`` is a sharded checkpoint folder (FSDP), as opposed to a Lightning ``.ckpt`` file."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
 @dataclass
 class CheckpointFiles:
-    weights: Path  # a Lightning .ckpt
+    weights: Path  # a Lightning .ckpt file, or a folder of shards
     recipe: Path  # the resolved recipe the model was trained with
     tokenizer: Path  # folder with tokenizer.json
 
@@ -38,7 +48,7 @@ class CheckpointFiles:
 def locate(path: str | Path) -> CheckpointFiles:
     """Resolve a run folder, its ``checkpoints/`` folder or a ``.ckpt`` file; name every missing file."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_sharded(path):
         weights, ckpt_dir = path, path.parent
     elif path.is_dir():
         ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -51,7 +61,7 @@ def locate(path: str | Path) -> CheckpointFiles:
     missing = [
         f"{what} ({where})"
         for what, where, ok in (
-            ("weights", files.weights, files.weights.is_file()),
+            ("weights", files.weights, files.weights.is_file() or is_sharded(files.weights)),
             ("recipe", files.recipe, recipe is not None),
             ("tokenizer", files.tokenizer / "tokenizer.json", (files.tokenizer / "tokenizer.json").is_file()),
         )
@@ -72,9 +82,30 @@ def load_model(
     import_modules(list(recipe.imports))
     tokenizer = load_tokenizer(files.tokenizer)
     model = VisionLanguageModel.from_recipe(OmegaConf.to_container(recipe.model, resolve=True), tokenizer)
-    state = torch.load(files.weights, map_location="cpu", weights_only=True)
-    if "state_dict" not in state:
-        raise CheckpointError(f"{files.weights} is not a skipvision training checkpoint (no state_dict)")
-    weights = {k[len(MODEL_PREFIX) :]: v for k, v in state["state_dict"].items() if k.startswith(MODEL_PREFIX)}
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(model_weights(files.weights), strict=True)
     return model.to(device=device, dtype=dtype).eval(), tokenizer, recipe
+
+
+def read_sharded(folder: Path) -> dict:
+    """Every rank's shards of a sharded checkpoint, gathered in one process: ``state_dict`` and ``optimizer_<i>``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder, Path(tmp) / "whole.pt")
+        return torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
+
+
+def model_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The ``VisionLanguageModel`` state dict of a training checkpoint (a ``.ckpt`` file or a sharded folder)."""
+    state = read_sharded(weights) if is_sharded(weights) else torch.load(weights, map_location="cpu", weights_only=True)
+    if "state_dict" not in state:
+        raise CheckpointError(f"{weights} is not a skipvision training checkpoint (no state_dict)")
+    return {k[len(MODEL_PREFIX) :]: v for k, v in state["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+
+
+def consolidate(path: str | Path, out: str | Path) -> int:
+    """Write the model weights of a checkpoint (a run folder, a ``.ckpt`` file or an FSDP shard folder) to one
+    safetensors file ``out``; returns the number of tensors."""
+    weights = model_weights(locate(path).weights)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().clone() for k, v in weights.items()}, out)  # clone: safetensors refuses shared
+    return len(weights)

@@ -14,6 +14,7 @@ dataset's question types, in the same order on every rank; a text-only batch sti
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -23,11 +24,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 from torchmetrics import MeanMetric
 
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.inference.generate import generate_tokens
 from skipvision.inference.sampling import GenerationConfig
+from skipvision.lit.fsdp import FSDP_STRATEGIES, load_from_rank0, mixed_precision, shard
 from skipvision.model import VisionLanguageModel
 
 COMPONENTS = ("encoder", "projector", "llm")
@@ -45,8 +49,9 @@ class VLMLitModule(L.LightningModule):
         self.save_hyperparameters()
         self.cfg: DictConfig = OmegaConf.create(recipe)
         self.tokenizer = load_tokenizer(tokenizer_path)
-        model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
-        self.model = VisionLanguageModel.from_recipe(model_cfg, self.tokenizer)
+        self.sharded = self.cfg.trainer.strategy in FSDP_STRATEGIES
+        with torch.device("meta") if self.sharded else contextlib.nullcontext():
+            self.model = self.build_model()  # FSDP: only the structure here; configure_model gives it weights
         self.generation = GenerationConfig(max_new_tokens=self.cfg.eval.max_new_tokens, drop_kv=self.cfg.eval.drop_kv)
         for part in COMPONENTS:
             if self.cfg.optim[f"freeze_{part}"]:
@@ -55,8 +60,25 @@ class VLMLitModule(L.LightningModule):
         self.val_accuracy = nn.ModuleDict({key: MeanMetric() for key in ("all", *question_types)})
         self.data_errors = 0
 
+    def build_model(self) -> VisionLanguageModel:
+        """The model as the recipe describes it, initialised under the recipe's seed (the same weights everywhere)."""
+        torch.manual_seed(self.cfg.seed)
+        return VisionLanguageModel.from_recipe(OmegaConf.to_container(self.cfg.model, resolve=True), self.tokenizer)
+
     def setup(self, stage: str) -> None:
         self.model.spmd = self.trainer.world_size > 1
+
+    def configure_model(self) -> None:
+        """Activation checkpointing (``trainer.activation_checkpointing``), then, for FSDP, sharding and weights
+        (skipvision/lit/fsdp.py). Lightning calls this once the processes are set up, on every rank."""
+        if self.cfg.trainer.activation_checkpointing:
+            self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not self.sharded or isinstance(self.model, FSDPModule):
+            return
+        mesh = init_device_mesh(self.device.type, (self.trainer.world_size,), mesh_dim_names=("shard",))
+        shard(self.model, mesh, mixed_precision(self.cfg.trainer.precision))
+        full = self.build_model() if self.trainer.global_rank == 0 else None
+        load_from_rank0(self.model, full, self.device)
 
     def component(self, part: str) -> nn.Module:
         return {"encoder": self.model.encoder, "projector": self.model.projector, "llm": self.model.backbone}[part]

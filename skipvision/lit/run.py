@@ -19,7 +19,7 @@ import lightning as L
 from filelock import FileLock
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from skipvision.data.pipeline import DataError
@@ -28,7 +28,9 @@ from skipvision.data.tokenizer import load_tokenizer
 from skipvision.errors import MissingFileError
 from skipvision.lit.callbacks import SaveRecipe, Throughput
 from skipvision.lit.datamodule import WebDataModule, declared_question_types
+from skipvision.lit.fsdp import FSDP_STRATEGIES
 from skipvision.lit.module import VLMLitModule
+from skipvision.lit.requeue import slurm_requeue
 from skipvision.recipe import RecipeError, save_recipe
 from skipvision.registry import import_modules, load_entry_point_plugins
 
@@ -87,14 +89,18 @@ def _logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
     return False
 
 
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", *FSDP_STRATEGIES)
+
+
 def check_strategy(strategy: str) -> None:
-    """Fail before anything is built when ``trainer.strategy`` is not one Lightning knows (its own error says
-    only "Example choices" and comes after the model and data are built)."""
-    valid = ["auto", *StrategyRegistry.available_strategies()]
-    if strategy not in valid:
-        close = difflib.get_close_matches(strategy, valid, n=3, cutoff=0.5)
+    """Fail before anything is built when ``trainer.strategy`` is not one skipvision runs (Lightning's own error
+    says only "Example choices" and comes after the model and data are built). ``fsdp`` is FSDP2 (lit/fsdp.py)."""
+    if strategy not in STRATEGIES:
+        close = difflib.get_close_matches(strategy, STRATEGIES, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise RecipeError(f"Recipe key 'trainer.strategy' is {strategy!r}.{hint} Valid values: {', '.join(valid)}.")
+        raise RecipeError(
+            f"Recipe key 'trainer.strategy' is {strategy!r}.{hint} Valid values: {', '.join(STRATEGIES)}."
+        )
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
@@ -113,6 +119,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         SaveRecipe(cfg, checkpoint_dir),
         Throughput(),
     ]
+    slurm_plugins, slurm_callbacks = slurm_requeue()  # under SLURM: save and requeue on USR1 (lit/requeue.py)
+    callbacks += slurm_callbacks
     logger = _logger(cfg, run_dir)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -128,13 +136,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=ModelParallelStrategy() if t.strategy in FSDP_STRATEGIES else t.strategy,
         logger=logger,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
         callbacks=callbacks,
         default_root_dir=run_dir,
+        plugins=slurm_plugins,
     )
 
 
@@ -160,11 +169,20 @@ def build(cfg: DictConfig) -> tuple[VLMLitModule, WebDataModule, Path]:
 
 
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint ``fit`` starts from, by ``checkpoint.resume``: None starts fresh; ``last`` is
+    ``checkpoints/last.ckpt``, which must exist; ``auto`` is the newest (by modification time) of the run folder's
+    ``hpc_ckpt_<n>.ckpt`` (saved on SLURM's requeue signal, skipvision/lit/requeue.py) and ``checkpoints/last.ckpt``,
+    or a fresh start when there is neither (what a SLURM job runs with, so its first attempt starts and a requeued
+    one resumes); anything else is a checkpoint path, which must exist."""
     resume = cfg.checkpoint.resume
     if resume is None:
         return None
+    if resume == "auto":
+        candidates = [*sorted(run_dir.glob("hpc_ckpt_*.ckpt")), run_dir / "checkpoints" / "last.ckpt"]
+        found = [p for p in candidates if p.exists()]
+        return str(max(found, key=lambda p: p.stat().st_mtime_ns)) if found else None
     path = run_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
-    if not path.is_file():
+    if not path.exists():  # a file, or a folder of shards (FSDP)
         raise MissingFileError(f"checkpoint.resume={resume!r}: no checkpoint at {path}")
     return str(path)
 
@@ -180,7 +198,7 @@ def fit(cfg: DictConfig) -> L.Trainer:
 def validate(cfg: DictConfig, checkpoint: str) -> list[dict[str, float]]:
     """Validation loss and answer accuracy of a checkpoint on the recipe's validation shards."""
     check_strategy(cfg.trainer.strategy)
-    if not Path(checkpoint).is_file():
+    if not Path(checkpoint).exists():
         raise MissingFileError(f"No checkpoint at {checkpoint}")
     module, datamodule, run_dir = build(cfg)
     trainer = build_trainer(cfg, run_dir)
