@@ -170,7 +170,9 @@ def test_activation_checkpointing_switch_recomputes_with_the_same_gradients(tiny
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in module.named_parameters()}, len(calls)))
     (loss0, grads0, calls0), (loss1, grads1, calls1) = results
-    assert checkpointed.model.backbone.is_gradient_checkpointing and not plain.model.backbone.is_gradient_checkpointing
+    assert (
+        checkpointed.model.backbone.is_activation_checkpointing and not plain.model.backbone.is_activation_checkpointing
+    )
     assert (calls0, calls1) == (1, 2)  # the checkpointed layer ran again in backward (hooks inside it see it)
     assert torch.equal(loss0, loss1)
     for name, grad in grads0.items():
