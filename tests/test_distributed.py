@@ -170,6 +170,18 @@ def test_fsdp_equals_ddp_and_consolidates_to_the_same_weights(ddp_mixed: Path, f
         torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_sharded_checkpoint_outside_fsdp_is_one_clear_line(
+    fsdp_mixed: Path, tiny_shapes: Path, shards: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    last = fsdp_mixed / "checkpoints" / "last.ckpt"
+    args = overrides(tiny_shapes, shards, fsdp_mixed.parent / "other", *SKIP_MIXED[:2])
+    assert main(["validate", "--recipe", str(TINY_RECIPE), "--checkpoint", str(last), *args]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"skipvision validate: error: {last} is a sharded FSDP checkpoint: use it with trainer.strategy=fsdp (any "
+        "number of devices), or write its weights to one file with `skipvision consolidate`"
+    )
+
+
 def test_fsdp_resumes_from_its_sharded_checkpoint(
     fsdp_mixed: Path, tiny_shapes: Path, shards: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -72,7 +72,9 @@ class VLMLitModule(L.LightningModule):
         """Activation checkpointing (``trainer.activation_checkpointing``), then, for FSDP, sharding and weights
         (skipvision/lit/fsdp.py). Lightning calls this once the processes are set up, on every rank."""
         if self.cfg.trainer.activation_checkpointing:
-            self.model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self.model.backbone.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
         if not self.sharded or isinstance(self.model, FSDPModule):
             return
         mesh = init_device_mesh(self.device.type, (self.trainer.world_size,), mesh_dim_names=("shard",))

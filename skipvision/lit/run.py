@@ -26,6 +26,7 @@ from skipvision.data.pipeline import DataError
 from skipvision.data.shapes import ShapesSettings, dataset_is_complete, generate_shapes, settings_mismatch
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.errors import MissingFileError
+from skipvision.inference.checkpoint import CheckpointError, is_sharded
 from skipvision.lit.callbacks import SaveRecipe, Throughput
 from skipvision.lit.datamodule import WebDataModule, declared_question_types
 from skipvision.lit.fsdp import FSDP_STRATEGIES
@@ -184,7 +185,17 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     path = run_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
     if not path.exists():  # a file, or a folder of shards (FSDP)
         raise MissingFileError(f"checkpoint.resume={resume!r}: no checkpoint at {path}")
+    check_readable(path, cfg.trainer.strategy)
     return str(path)
+
+
+def check_readable(checkpoint: Path, strategy: str) -> None:
+    """A sharded (FSDP) checkpoint folder is read by the FSDP strategy only (on any number of ranks)."""
+    if is_sharded(checkpoint) and strategy not in FSDP_STRATEGIES:
+        raise CheckpointError(
+            f"{checkpoint} is a sharded FSDP checkpoint: use it with trainer.strategy=fsdp (any number of devices), "
+            "or write its weights to one file with `skipvision consolidate`"
+        )
 
 
 def fit(cfg: DictConfig) -> L.Trainer:
@@ -200,6 +211,7 @@ def validate(cfg: DictConfig, checkpoint: str) -> list[dict[str, float]]:
     check_strategy(cfg.trainer.strategy)
     if not Path(checkpoint).exists():
         raise MissingFileError(f"No checkpoint at {checkpoint}")
+    check_readable(Path(checkpoint), cfg.trainer.strategy)
     module, datamodule, run_dir = build(cfg)
     trainer = build_trainer(cfg, run_dir)
     return trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint)
