@@ -203,7 +203,8 @@ class VisionLanguageModel(nn.Module):
         loss stay exactly those of the batch alone (x + 0 == x); the vision parameters get zero gradients.
         """
         views = 1 if self.tiles is None else 1 + self.tiles[0] * self.tiles[1]
-        blank = torch.zeros(1, views, 3, *self.encoder.image_size, device=like.device)  # [1, V, 3, H, W]
+        dtype = next(self.encoder.parameters()).dtype  # the batches' dtype too: bf16-true casts them, not this
+        blank = torch.zeros(1, views, 3, *self.encoder.image_size, device=like.device, dtype=dtype)  # [1, V, 3, H, W]
         visual = self.image_features(blank if self.tiles is not None else blank[:, 0])  # tokens [1, K, D]
         total = visual.tokens.sum() if visual.aux_loss is None else visual.tokens.sum() + visual.aux_loss
         return (total * 0).to(like.dtype)

@@ -1,25 +1,25 @@
 """One rank of the FSDP-versus-one-process test (tests/test_fsdp.py); run as a script, never collected by pytest.
 
-Usage: ``python tests/fsdp_worker.py RANK WORLD OUT_DIR DATA_ROOT`` with MASTER_ADDR / MASTER_PORT set.
+Usage: ``python tests/fsdp_worker.py RANK WORLD OUT_DIR DATA_ROOT OVERRIDES_JSON`` with MASTER_ADDR / MASTER_PORT set.
 
-Every rank builds the tiny Skip-Vision VLM on the meta device, shards it with skipvision's own FSDP2 code
-(:func:`skipvision.lit.fsdp.shard`, one unit per encoder block and decoder layer), fills it from rank 0's model
-(:func:`skipvision.lit.fsdp.load_from_rank0`) and trains ``STEPS`` optimizer steps on its own batch of :func:`batch`:
-in each step one rank's batch has images and a different number of kept FFN rows, the other's is text only. It saves
-its per-step losses and, on rank 0, the final full state dict, to ``OUT_DIR``.
+Every rank builds the tiny Skip-Vision VLM (with the recipe overrides of OVERRIDES_JSON) as a skeleton on the meta
+device, and :func:`skipvision.lit.fsdp.shard_and_load` shards it with skipvision's own FSDP2 code (one unit per encoder
+block and decoder layer) and fills it from rank 0's fully built model; then each rank trains ``STEPS`` optimizer
+steps on its own batch of :func:`batch`: in each step one rank's batch has images and a different number of kept FFN
+rows, the other's is text only. It saves its per-step losses and, on rank 0, the final full state dict, to
+``OUT_DIR``.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import PreTrainedTokenizerBase
 
 from skipvision.api import create_model
@@ -27,6 +27,7 @@ from skipvision.data.chat import encode_conversation
 from skipvision.data.collate import collate
 from skipvision.model import VisionLanguageModel
 from skipvision.recipe import load_recipe
+from skipvision.skeleton import skeleton
 
 RECIPE = Path(__file__).resolve().parent / "recipes" / "tiny.yaml"
 SKIP = ["model.skip.policy={name: attention_score, num_retained: 4}", "model.skip.num_skipped=4"]
@@ -34,8 +35,8 @@ STEPS = 3
 LR = 0.1
 
 
-def recipe_overrides(data_root: str) -> list[str]:
-    return [f"data.root={data_root}", *SKIP]
+def recipe_overrides(data_root: str, extra: list[str]) -> list[str]:
+    return [f"data.root={data_root}", *SKIP, *extra]
 
 
 def batch(step: int, rank: int, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase) -> dict:
@@ -68,19 +69,16 @@ def loss_of(model: VisionLanguageModel, b: dict) -> torch.Tensor:
     return model(b["input_ids"], b["attention_mask"], b.get("pixel_values"), b["num_images"], b["labels"]).loss
 
 
-def main(rank: int, world: int, out_dir: Path, data_root: str) -> None:
+def main(rank: int, world: int, out_dir: Path, data_root: str, extra: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        from skipvision.lit.fsdp import load_from_rank0, shard
+        from skipvision.lit.fsdp import shard_and_load
 
-        cfg = load_recipe(RECIPE, recipe_overrides(data_root))
-        full, tokenizer = create_model(cfg) if rank == 0 else (None, None)
-        with torch.device("meta"):
+        cfg = load_recipe(RECIPE, recipe_overrides(data_root, extra))
+        with skeleton():
             model, tokenizer = create_model(cfg)
-        mesh = init_device_mesh("cpu", (world,))
-        shard(model, mesh, MixedPrecisionPolicy())
-        load_from_rank0(model, full, torch.device("cpu"))
+        shard_and_load(model, lambda: create_model(cfg)[0], rank, world, torch.device("cpu"), "32-true")
         model.train().spmd = True
         optimizer = make_optimizer(model)
         losses = []
@@ -98,4 +96,4 @@ def main(rank: int, world: int, out_dir: Path, data_root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]))

@@ -60,9 +60,10 @@ def text_only(sample: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def shards(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A validation shard whose first sample has the type ``rare``; an image-only and a text-only training shard."""
+    """A validation shard of 23 samples whose first has the type ``rare``; an image-only and a text-only training
+    shard."""
     out = tmp_path_factory.mktemp("shards")
-    val = raw_samples(next((tiny_shapes / "val").glob("*.tar")))
+    val = raw_samples(next((tiny_shapes / "val").glob("*.tar")))[:23]  # odd: one rank's share gets a filler
     val[0] = with_json(val[0], qtype=RARE)
     train = raw_samples(sorted((tiny_shapes / "train").glob("*.tar"))[0])
     return {
@@ -78,7 +79,7 @@ def overrides(tiny_shapes: Path, shards: dict[str, Path], run: Path, *extra: str
         f"output_dir={run}",
         f"data.val_shards={shards['val']}",
         f"eval.question_types=[{','.join((*QUESTION_TYPES, RARE))}]",
-        "trainer.limit_val_batches=null",  # all 24 validation samples: 2 batches of 8 per rank, fillers included
+        "trainer.limit_val_batches=null",  # all 23: rank 0 reads 12 (8 + 4), rank 1 11 + a filler (8 + 4)
         "trainer.accelerator=cpu",
         "eval.max_new_tokens=3",
         *extra,
@@ -190,8 +191,8 @@ def test_fsdp_resumes_from_its_sharded_checkpoint(
     fit_mixed(tiny_shapes, shards, run, "trainer.strategy=fsdp", "trainer.max_steps=5", "checkpoint.resume=last")
     resumed = list(csv.DictReader(open(run / "logs" / "version_1" / "metrics.csv")))
     assert [int(r["step"]) for r in resumed if r["train/loss"]] == [3, 4]  # the step count continues
-    state = read_sharded(run / "checkpoints" / "last.ckpt")
-    steps = {float(s["step"]) for s in state["optimizer_0"]["state"].values()}
+    state = read_sharded(run / "checkpoints" / "last.ckpt", "optimizer_0.state.")
+    steps = {float(value) for key, value in state.items() if key.endswith(".step")}
     assert steps == {5.0}  # AdamW's own step counts came back with the shards (a fresh optimizer would say 2)
 
 
@@ -208,7 +209,6 @@ def test_two_nodes_of_one_process_match_one_node_of_two(
     run_all([command, command], logs, TIMEOUT_S, envs)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1].read_text()
     nodes, one_node = metrics(run), metrics(two_rank_run)
-    assert logged(nodes, "train/loss") == pytest.approx(logged(one_node, "train/loss"), rel=1e-6)
     losses = [float(r["train/loss"]) for r in nodes if r["train/loss"]]
     assert losses == pytest.approx([float(r["train/loss"]) for r in one_node if r["train/loss"]], rel=1e-6)
     assert logged(nodes, "val/") == pytest.approx(logged(one_node, "val/"), rel=1e-5)

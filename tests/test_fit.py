@@ -12,7 +12,7 @@ import yaml
 
 from skipvision.cli import main
 from skipvision.lit.module import VLMLitModule, warmup_cosine
-from skipvision.lit.run import build, build_trainer
+from skipvision.lit.run import build, build_trainer, validate
 from skipvision.recipe import load_recipe
 
 from .conftest import TINY_RECIPE
@@ -177,3 +177,21 @@ def test_activation_checkpointing_switch_recomputes_with_the_same_gradients(tiny
     assert torch.equal(loss0, loss1)
     for name, grad in grads0.items():
         torch.testing.assert_close(grads1[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_undeclared_question_types_count_in_all_only(
+    tiny_overrides: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Declared up front (docs/distributed.md "SPMD"): with only ``colour`` declared, the other types' samples still
+    count in ``val/acc_all`` and the loss, with one warning per undeclared type; nothing is dropped."""
+    assert _fit(tiny_overrides) == 0
+    ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    whole = [*tiny_overrides, "trainer.limit_val_batches=null"]
+    (declared,) = validate(load_recipe(TINY_RECIPE, whole), ckpt)
+    (colour_only,) = validate(load_recipe(TINY_RECIPE, [*whole, "eval.question_types=[colour]"]), ckpt)
+    assert {k for k in colour_only if k.startswith("val/acc")} == {"val/acc_all", "val/acc_colour"}
+    assert {k for k in declared if k.startswith("val/acc_")} > {"val/acc_all", "val/acc_colour"}
+    for key in ("val/loss", "val/acc_all", "val/acc_colour", "val/data_skipped"):
+        assert colour_only[key] == pytest.approx(declared[key]), key
+    warned = [r.getMessage() for r in caplog.records if "is not declared" in r.getMessage()]
+    assert warned and all("it counts in val/acc_all only" in w for w in warned)

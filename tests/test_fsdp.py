@@ -8,14 +8,19 @@ FSDP's averaged gradients optimise. Losses (each rank's) and the final weights m
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from skipvision.api import create_model
+from skipvision.data.tokenizer import load_tokenizer
 from skipvision.recipe import load_recipe
 
+from .conftest import tiny_lm_config
 from .fsdp_worker import RECIPE, STEPS, batch, loss_of, make_optimizer, recipe_overrides
 from .processes import TESTS, free_port, process_env, run_all
 
@@ -23,14 +28,36 @@ WORLD = 2
 TIMEOUT_S = 120.0
 
 
-def test_fsdp_losses_and_weights_equal_one_process_on_the_global_batch(tiny_shapes: Path, tmp_path: Path) -> None:
+def saved_tied_llama(tiny_shapes: Path, folder: Path) -> Path:
+    """A tiny Llama saved as a pretrained checkpoint, its input embeddings tied to its LM head."""
+    config = tiny_lm_config(vocab_size=len(load_tokenizer(tiny_shapes / "tokenizer")), tie_word_embeddings=True)
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("backbone", ["config", "pretrained_tied"])
+def test_fsdp_losses_and_weights_equal_one_process_on_the_global_batch(
+    tiny_shapes: Path, tmp_path: Path, backbone: str
+) -> None:
+    """``config``: the recipe's backbone built from a config. ``pretrained_tied``: loaded from a saved checkpoint (the
+    skeleton reads its config only; rank 0 reads the weights), with tied embeddings sharded as one unit."""
+    extra = []
+    if backbone == "pretrained_tied":
+        llm = saved_tied_llama(tiny_shapes, tmp_path / "llm")
+        extra = ["model.backbone.config=null", f"model.backbone.path={llm}"]
     env = process_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     worker = str(TESTS / "fsdp_worker.py")
-    commands = [[sys.executable, worker, str(r), str(WORLD), str(tmp_path), str(tiny_shapes)] for r in range(WORLD)]
+    commands = [
+        [sys.executable, worker, str(r), str(WORLD), str(tmp_path), str(tiny_shapes), json.dumps(extra)]
+        for r in range(WORLD)
+    ]
     run_all(commands, [tmp_path / f"rank{r}.log" for r in range(WORLD)], TIMEOUT_S, env)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
-    model, tokenizer = create_model(load_recipe(RECIPE, recipe_overrides(str(tiny_shapes))))
+    model, tokenizer = create_model(load_recipe(RECIPE, recipe_overrides(str(tiny_shapes), extra)))
+    if backbone == "pretrained_tied":
+        assert model.backbone.get_output_embeddings().weight is model.backbone.get_input_embeddings().weight
     model.train()
     optimizer = make_optimizer(model)
     for step in range(STEPS):

@@ -244,3 +244,32 @@ def test_a_resumed_run_draws_a_fresh_training_stream(tokenizer, tiny_shapes: Pat
     assert first_keys(0) == first_keys(0)
     assert first_keys(0) != first_keys(5)  # resumed at step 5: not a replay of the first steps
     assert first_keys(0, rank=0) != first_keys(0, rank=1)  # ranks draw different streams
+
+
+def test_epochs_continue_one_stream_and_a_resumed_epoch_is_shorter(tokenizer, tiny_shapes: Path) -> None:
+    """docs/distributed.md "Data": epochs of ``epoch_batches`` cut one stream that goes on across epochs (no shard
+    restarts at an epoch boundary), and a run resumed after 1 batch of an epoch finishes that epoch with 1 batch."""
+    urls = expand_shards(str(tiny_shapes / "train" / "*.tar"))  # 2 shards of 32 samples
+
+    def pipe(start_batch: int = 0):
+        return _pipeline(
+            tokenizer,
+            urls,
+            200,
+            batch_size=4,
+            training=True,
+            resampled=False,
+            shuffle_buffer=1,
+            epoch_batches=2,
+            start_batch=start_batch,
+        )
+
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(
+            pipe(), batch_size=None, num_workers=workers, persistent_workers=workers > 0
+        )
+        epochs = [[k for b in loader for k in b["keys"]] for _ in range(6)]
+        assert [len(e) for e in epochs] == [8] * 6
+        assert len({k for e in epochs for k in e}) == 48  # 6 epochs x 8 samples of one 64-sample pass, none twice
+    resumed = pipe(start_batch=1)
+    assert [len(list(resumed)) for _ in range(3)] == [1, 2, 2]

@@ -165,3 +165,15 @@ def test_spmd_text_only_batch_runs_the_vision_side_without_changing_the_loss(tok
     vision = [*model.encoder.parameters(), *model.projector.parameters(), *model.visual.parameters()]
     assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in vision)  # the encoder ran too
     assert any(torch.count_nonzero(p.grad) > 0 for p in model.backbone.parameters())
+
+
+def test_spmd_blank_image_takes_the_encoders_dtype(tokenizer) -> None:
+    """Under ``trainer.precision=bf16-true`` the batches arrive in bf16 and so must the blank image of a text-only
+    batch (a timm encoder does not cast its input)."""
+    model = build(tokenizer).to(torch.bfloat16).train()
+    batch = make_batch(tokenizer, model)
+    text = batch["num_images"] == 0
+    ids, mask = batch["input_ids"][text], batch["attention_mask"][text]
+    plain = model(ids, mask, None, torch.tensor([0]), ids).loss
+    model.spmd = True
+    assert torch.equal(model(ids, mask, None, torch.tensor([0]), ids).loss, plain)

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from skipvision.adapters import adapter_for
 from skipvision.registry import BACKBONES
+from skipvision.skeleton import building_skeleton
 
 TINY_LLAMA = {
     "config": {
@@ -46,8 +47,12 @@ def hf_causal_lm(
     if path is not None:
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"No config.json in backbone folder {path}")
-        adapter_for(AutoConfig.from_pretrained(path))  # an unsupported family fails before any weight is read
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
+        saved = AutoConfig.from_pretrained(path)
+        adapter_for(saved)  # an unsupported family fails before any weight is read
+        if building_skeleton():  # the architecture only; FSDP fills in the weights (skipvision/skeleton.py)
+            model = AutoModelForCausalLM.from_config(saved, attn_implementation=attn_implementation)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
     else:
         config = dict(config)
         if "model_type" not in config:

@@ -8,8 +8,9 @@ on meta tensors of the real shapes, in bf16 as under ``bf16-mixed``. The attenti
 (flash) kernel keeps it, q, k, v, output and an fp32 log-sum-exp per query, instead of running the meta device's
 math kernel, whose [T, T] probabilities no GPU run would keep. A Skip-Vision layer is the full layer minus the MLP's
 share on the skipped rows. Not counted: the vision encoder (frozen in the paper's SFT, so autograd saves nothing in
-it), the projector and summary tokens (a few MB), temporary buffers (DDP's gradient buckets, FSDP's gathered
-layers, kernels' workspaces) and fragmentation.
+it), the projector and summary tokens (a few MB), DDP's gradient buckets (a second copy of the gradients), FSDP's
+gathered layers, kernels' workspaces and fragmentation. The layer and head are run the way a Llama-style
+transformers model holds them (``model.rotary_emb``, ``model.norm``): the paper's backbones.
 """
 
 from __future__ import annotations

@@ -88,7 +88,6 @@ class SampleEncoder:
         transform: Callable[[Image.Image], torch.Tensor],
         max_length: int,
         with_prompt: bool = False,
-        question_types: tuple[str, ...] = (),
     ) -> None:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
@@ -96,7 +95,6 @@ class SampleEncoder:
         self.transform = transform
         self.max_length = max_length
         self.with_prompt = with_prompt
-        self.question_types = question_types  # declared types; a sample's qtype must be one (when any are declared)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
@@ -117,11 +115,6 @@ class SampleEncoder:
         if len(enc.input_ids) > self.max_length:
             raise ValueError(f"{len(enc.input_ids)} tokens, over data.max_length={self.max_length}")
         qtype = meta.get("qtype", "all")
-        if self.question_types and qtype not in self.question_types:
-            raise ValueError(
-                f"question type {qtype!r} is not declared; declared types: {', '.join(self.question_types)} "
-                "(eval.question_types, or question_types in the dataset's meta.json)"
-            )
         out = {
             "key": sample.get("__key__", ""),
             "input_ids": enc.input_ids,
@@ -185,10 +178,15 @@ class Placement(NamedTuple):
     world: int = 1
 
 
+def worker_slot() -> tuple[int, int]:
+    """(this DataLoader worker's index, the number of workers); (0, 1) in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
 def reader_slot(placement: Placement) -> tuple[int, int]:
     """(this reader's index, the number of readers): one reader per rank and DataLoader worker."""
-    info = torch.utils.data.get_worker_info()
-    worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+    worker, workers = worker_slot()
     return placement.rank * workers + worker, placement.world * workers
 
 
@@ -257,16 +255,26 @@ class EvenSplit:
             yield self.encoder.filler()
 
 
-class EpochLength:
-    """Cuts an endless stream of batches into epochs of ``batches`` per rank, shared out between the workers."""
+class Epochs(torch.utils.data.IterableDataset):
+    """One endless stream of batches cut into epochs of ``batches`` per rank, shared out between the workers.
 
-    def __init__(self, batches: int) -> None:
-        self.batches = batches
+    The stream lives on across epochs (in the main process, or in each persistent DataLoader worker), so every epoch
+    takes up where the previous one stopped: no shard is restarted from its first sample at an epoch boundary. A run
+    resumed mid-epoch has done ``done`` batches of its current epoch already; its first epoch is that much shorter,
+    so the epochs stay aligned with the step count.
+    """
 
-    def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        yield from itertools.islice(src, self.batches // workers + (worker < self.batches % workers))
+    def __init__(self, stream: wds.DataPipeline, batches: int, done: int = 0) -> None:
+        super().__init__()
+        self.stream, self.batches, self.done = stream, batches, done
+        self._batches: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = worker_slot()
+        if self._batches is None:
+            self._batches = iter(self.stream)
+        left, self.done = self.batches - self.done, 0
+        yield from itertools.islice(self._batches, left // workers + (worker < left % workers))
 
 
 def build_pipeline(
@@ -283,11 +291,13 @@ def build_pipeline(
     placement: Placement | None = None,
     epoch_batches: int | None = None,
     start_step: int = 0,
-) -> wds.DataPipeline:
+    start_batch: int = 0,
+) -> wds.DataPipeline | Epochs:
     """The full shard -> batch pipeline; iterate it through a DataLoader with ``batch_size=None``.
 
     ``start_step`` (the global step a resumed run starts at) reseeds the training stream, so a resumed run does not
-    replay the samples of its first steps (module docstring).
+    replay the samples of its first steps (module docstring); ``start_batch`` is the batches of the current epoch
+    it has done (see :class:`Epochs`).
     """
     placement = placement or Placement()
     policy = ErrorPolicy(on_error)
@@ -316,6 +326,5 @@ def build_pipeline(
         wds.map(encoder, handler=policy),
         wds.batched(batch_size, collation_fn=collation, partial=False),
     ]
-    if epoch_batches is not None:
-        stages.append(EpochLength(epoch_batches))
-    return wds.DataPipeline(*stages)
+    stream = wds.DataPipeline(*stages)
+    return stream if epoch_batches is None else Epochs(stream, epoch_batches, start_batch)

@@ -18,6 +18,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, 
 
 from skipvision.encoders.base import VisionEncoder, cls_attention_scores, run_scoring_block_input
 from skipvision.registry import ENCODERS, RegistryError
+from skipvision.skeleton import building_skeleton
 
 TINY_TOWER = {
     "config": {
@@ -58,7 +59,11 @@ class HFVisionTower(VisionEncoder):
         if path is not None:
             if not (Path(path) / "config.json").is_file():
                 raise FileNotFoundError(f"No config.json in vision tower folder {path}")
-            self.tower = model_cls.from_pretrained(path, attn_implementation=attn_implementation)
+            if building_skeleton():  # the architecture only (skipvision/skeleton.py)
+                saved = config_cls.from_pretrained(path, attn_implementation=attn_implementation)
+                self.tower = model_cls(saved)
+            else:
+                self.tower = model_cls.from_pretrained(path, attn_implementation=attn_implementation)
             mean, std = _processor_stats(Path(path), mean, std)
         else:
             self.tower = model_cls(config_cls(**config, attn_implementation=attn_implementation))

@@ -13,6 +13,7 @@ from timm.layers import Attention
 
 from skipvision.encoders.base import VisionEncoder, cls_attention_scores, run_scoring_block_input
 from skipvision.registry import ENCODERS, RegistryError
+from skipvision.skeleton import building_skeleton
 
 TINY_VIT = {
     "model_name": "vit_tiny_patch16_224",
@@ -48,7 +49,8 @@ class TimmEncoder(VisionEncoder):
         if checkpoint_path is not None and not Path(checkpoint_path).is_file():
             raise FileNotFoundError(f"timm encoder checkpoint not found: {checkpoint_path}")
         try:
-            self.model = _create(model_name, pretrained, checkpoint_path, img_size, dict(model_kwargs or {}))
+            weights = (False, None) if building_skeleton() else (pretrained, checkpoint_path)  # skipvision/skeleton.py
+            self.model = _create(model_name, *weights, img_size, dict(model_kwargs or {}))
         except RuntimeError as err:
             if not str(err).startswith("Unknown model"):
                 raise

@@ -10,14 +10,16 @@ model). :func:`consolidate` writes a checkpoint's model weights as one safetenso
 
 from __future__ import annotations
 
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import PreTrainedTokenizerBase
 
 from skipvision.data.tokenizer import load_tokenizer
@@ -86,19 +88,31 @@ def load_model(
     return model.to(device=device, dtype=dtype).eval(), tokenizer, recipe
 
 
-def read_sharded(folder: Path) -> dict:
-    """Every rank's shards of a sharded checkpoint, gathered in one process: ``state_dict`` and ``optimizer_<i>``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(folder, Path(tmp) / "whole.pt")
-        return torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
+def read_sharded(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint whose key starts with ``prefix`` (``state_dict.`` for the weights,
+    ``optimizer_0.state.`` for the optimizer's), gathered from every rank's shards in one process; nothing else is
+    read. Keys are returned without the prefix."""
+    metadata = FileSystemReader(folder).read_metadata().state_dict_metadata
+    wanted = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(wanted, checkpoint_id=folder, no_dist=True)
+    return {key[len(prefix) :]: tensor for key, tensor in wanted.items()}
 
 
 def model_weights(weights: Path) -> dict[str, torch.Tensor]:
     """The ``VisionLanguageModel`` state dict of a training checkpoint (a ``.ckpt`` file or a sharded folder)."""
-    state = read_sharded(weights) if is_sharded(weights) else torch.load(weights, map_location="cpu", weights_only=True)
-    if "state_dict" not in state:
+    if is_sharded(weights):
+        state = read_sharded(weights, "state_dict.")
+    else:
+        state = torch.load(weights, map_location="cpu", weights_only=True).get("state_dict")
+    if not state:
         raise CheckpointError(f"{weights} is not a skipvision training checkpoint (no state_dict)")
-    return {k[len(MODEL_PREFIX) :]: v for k, v in state["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+    return {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
 
 def consolidate(path: str | Path, out: str | Path) -> int:

@@ -23,12 +23,12 @@ from skipvision.encoders.base import VisionEncoder
 
 def declared_question_types(data: DictConfig, evaluation: DictConfig) -> tuple[str, ...]:
     """The question types validation accuracy is reported for, the same on every rank and known before any data is
-    read: ``eval.question_types``, else the ``question_types`` of ``<data.root>/meta.json``, else none (only
-    ``val/acc_all``)."""
+    read: ``eval.question_types``, else the ``question_types`` of ``<data.root>/meta.json`` when validation reads
+    ``data.root`` (no ``data.val_shards``), else none (only ``val/acc_all``)."""
     if evaluation.question_types is not None:
         return tuple(evaluation.question_types)
     meta = Path(data.root) / "meta.json"
-    if meta.is_file():
+    if data.val_shards is None and meta.is_file():
         return tuple(json.loads(meta.read_text()).get("question_types", ()))
     return ()
 
@@ -44,7 +44,6 @@ class WebDataModule(L.LightningDataModule):
         num_image_tokens: int,
         seed: int = 0,
         tiles: tuple[int, int] | None = None,
-        question_types: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.cfg = data
@@ -52,7 +51,6 @@ class WebDataModule(L.LightningDataModule):
         self.transform = image_views(encoder.image_size, encoder.mean, encoder.std, tiles)
         self.num_image_tokens = num_image_tokens
         self.seed = seed
-        self.question_types = question_types
 
     def _shards(self, split: str) -> list[str]:
         pattern = self.cfg[f"{split}_shards"] or str(Path(self.cfg.root) / split / "*.tar")
@@ -66,10 +64,11 @@ class WebDataModule(L.LightningDataModule):
             self.transform,
             self.cfg.max_length,
             with_prompt=not training,
-            question_types=() if training else self.question_types,
         )
         trainer = self.trainer
         placement = Placement() if trainer is None else Placement(trainer.global_rank, trainer.world_size)
+        start_step = 0 if trainer is None else trainer.global_step  # of a resumed run
+        accumulate = 1 if trainer is None else trainer.accumulate_grad_batches
         pipeline = build_pipeline(
             self._shards(split),
             encoder,
@@ -82,7 +81,8 @@ class WebDataModule(L.LightningDataModule):
             seed=self.seed,
             placement=placement,
             epoch_batches=self.cfg.epoch_batches,
-            start_step=0 if trainer is None else trainer.global_step,
+            start_step=start_step,
+            start_batch=(start_step * accumulate) % self.cfg.epoch_batches if self.cfg.epoch_batches else 0,
         )
         workers = self.cfg.num_workers
         return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)

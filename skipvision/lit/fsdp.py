@@ -17,23 +17,27 @@ so their all-gathers always match, and frozen units simply have no gradient redu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from skipvision.adapters import decoder_layers
 from skipvision.model import VisionLanguageModel
 
 FSDP_STRATEGIES = ("fsdp", "model_parallel")  # both names mean FSDP2 here
-PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
+PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
+FSDP_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")  # Lightning's ModelParallelStrategy refuses 16-mixed
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:
-    """``trainer.precision`` -> FSDP2's policy: low-precision parameters in compute, fp32 gradient reduction (and
-    fp32 master shards) for the mixed settings; fp32 throughout for ``32-true``."""
+    """``trainer.precision`` -> FSDP2's policy: bf16 parameters in compute and fp32 gradient reduction for the bf16
+    settings (the shards AdamW updates stay in the module's dtype: fp32 under ``bf16-mixed``); fp32 throughout for
+    ``32-true``."""
     dtype = PRECISION_DTYPES.get(precision)
     if dtype is None:
         return MixedPrecisionPolicy()
@@ -41,12 +45,33 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy:
 
 
 def shard(model: VisionLanguageModel, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
-    """``fully_shard`` every unit of ``model`` in place, innermost first (module docstring)."""
-    inner = [*model.encoder.blocks(), *decoder_layers(model.backbone), model.backbone.get_input_embeddings()]
-    for unit in [*inner, model.encoder, model.projector, model.visual, model.backbone, model]:
+    """``fully_shard`` every unit of ``model`` in place, innermost first (module docstring).
+
+    Input embeddings tied to the LM head (Gemma, small Llama/Qwen) share one weight, so they form one unit together.
+    """
+    embed, head = model.backbone.get_input_embeddings(), model.backbone.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    units: list[nn.Module | list[nn.Module]] = [*model.encoder.blocks(), *decoder_layers(model.backbone)]
+    units += [[embed, head] if tied else embed, model.encoder, model.projector, model.visual, model.backbone, model]
+    for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(model.encoder, "forward_with_cls_attention")
     register_fsdp_forward_method(model, "embed")
+
+
+def shard_and_load(
+    model: VisionLanguageModel,
+    build_full: Callable[[], nn.Module],
+    rank: int,
+    world: int,
+    device: torch.device,
+    precision: str,
+) -> None:
+    """Steps 1 and 2 of the module docstring on every rank: shard the meta ``model`` over all ``world`` ranks, then
+    fill it from ``build_full()``, which only rank 0 calls."""
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    shard(model, mesh, mixed_precision(precision))
+    load_from_rank0(model, build_full() if rank == 0 else None, device)
 
 
 def load_from_rank0(model: nn.Module, full: nn.Module | None, device: torch.device) -> None:

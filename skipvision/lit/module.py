@@ -7,7 +7,8 @@ answer through the inference loop (skipvision/inference/generate.py: KV removal 
 type.
 
 Distributed runs stay in step (docs/distributed.md "SPMD"): the accuracy metrics are declared up front from the
-dataset's question types, in the same order on every rank; a text-only batch still runs the vision side
+dataset's question types, in the same order on every rank (a sample of another type counts in ``val/acc_all`` only,
+with a warning); a text-only batch still runs the vision side
 (``VisionLanguageModel.spmd``); generation runs until every rank's rows have ended; validation fillers
 (``batch["fillers"]``) count for nothing.
 """
@@ -15,6 +16,7 @@ dataset's question types, in the same order on every rank; a text-only batch sti
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,17 +26,18 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.inference.generate import generate_tokens
 from skipvision.inference.sampling import GenerationConfig
-from skipvision.lit.fsdp import FSDP_STRATEGIES, load_from_rank0, mixed_precision, shard
+from skipvision.lit.fsdp import FSDP_STRATEGIES, shard_and_load
 from skipvision.model import VisionLanguageModel
+from skipvision.skeleton import skeleton
 
 COMPONENTS = ("encoder", "projector", "llm")
+log = logging.getLogger(__name__)
 
 
 def normalise_answer(text: str) -> str:
@@ -50,20 +53,24 @@ class VLMLitModule(L.LightningModule):
         self.cfg: DictConfig = OmegaConf.create(recipe)
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.sharded = self.cfg.trainer.strategy in FSDP_STRATEGIES
-        with torch.device("meta") if self.sharded else contextlib.nullcontext():
+        with skeleton() if self.sharded else contextlib.nullcontext():
             self.model = self.build_model()  # FSDP: only the structure here; configure_model gives it weights
         self.generation = GenerationConfig(max_new_tokens=self.cfg.eval.max_new_tokens, drop_kv=self.cfg.eval.drop_kv)
         for part in COMPONENTS:
             if self.cfg.optim[f"freeze_{part}"]:
                 self.component(part).requires_grad_(False)
         self.val_loss = MeanMetric()
+        self.val_data_errors = SumMetric()  # validation samples that could not be read (replaced by fillers)
+        self.undeclared: set[str] = set()
         self.val_accuracy = nn.ModuleDict({key: MeanMetric() for key in ("all", *question_types)})
         self.data_errors = 0
 
     def build_model(self) -> VisionLanguageModel:
-        """The model as the recipe describes it, initialised under the recipe's seed (the same weights everywhere)."""
-        torch.manual_seed(self.cfg.seed)
-        return VisionLanguageModel.from_recipe(OmegaConf.to_container(self.cfg.model, resolve=True), self.tokenizer)
+        """The model as the recipe describes it, initialised under the recipe's seed (the same weights everywhere),
+        leaving the global random state as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            return VisionLanguageModel.from_recipe(OmegaConf.to_container(self.cfg.model, resolve=True), self.tokenizer)
 
     def setup(self, stage: str) -> None:
         self.model.spmd = self.trainer.world_size > 1
@@ -77,10 +84,8 @@ class VLMLitModule(L.LightningModule):
             )
         if not self.sharded or isinstance(self.model, FSDPModule):
             return
-        mesh = init_device_mesh(self.device.type, (self.trainer.world_size,), mesh_dim_names=("shard",))
-        shard(self.model, mesh, mixed_precision(self.cfg.trainer.precision))
-        full = self.build_model() if self.trainer.global_rank == 0 else None
-        load_from_rank0(self.model, full, self.device)
+        rank, world, precision = self.trainer.global_rank, self.trainer.world_size, self.cfg.trainer.precision
+        shard_and_load(self.model, self.build_model, rank, world, self.device, precision)
 
     def component(self, part: str) -> nn.Module:
         return {"encoder": self.model.encoder, "projector": self.model.projector, "llm": self.model.backbone}[part]
@@ -104,6 +109,7 @@ class VLMLitModule(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.val_data_errors.update(batch["data_errors"])
         out = self(batch)
         self.val_loss.update(out.loss, weight=(batch["labels"] != -100).sum())
         if not self.cfg.eval.generate:
@@ -124,9 +130,17 @@ class VLMLitModule(L.LightningModule):
             if filler:
                 continue
             correct = float(normalise_answer(generation.text) == normalise_answer(answer))
-            for key in dict.fromkeys(("all", qtype)):
-                if key in self.val_accuracy:
-                    self.val_accuracy[key].update(correct)
+            self.val_accuracy["all"].update(correct)
+            if qtype in self.val_accuracy:
+                self.val_accuracy[qtype].update(correct)
+            elif qtype not in self.undeclared:
+                self.undeclared.add(qtype)
+                log.warning(
+                    "validation question type %r is not declared (eval.question_types or the dataset's meta.json: "
+                    "%s); it counts in val/acc_all only",
+                    qtype,
+                    ", ".join(k for k in self.val_accuracy if k != "all") or "none",
+                )
 
     def all_ranks_agree(self, answer: bool) -> bool:
         """True when ``answer`` is True on every rank (one all-reduce)."""
@@ -137,6 +151,8 @@ class VLMLitModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
         self.val_loss.reset()
+        self.log("val/data_skipped", self.val_data_errors.compute(), sync_dist=True)  # summed over ranks already
+        self.val_data_errors.reset()
         for qtype, metric in self.val_accuracy.items():
             value = metric.compute()  # over all ranks; the same on each, so each skips the same types
             if not torch.isnan(value):

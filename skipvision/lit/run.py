@@ -29,7 +29,7 @@ from skipvision.errors import MissingFileError
 from skipvision.inference.checkpoint import CheckpointError, is_sharded
 from skipvision.lit.callbacks import SaveRecipe, Throughput
 from skipvision.lit.datamodule import WebDataModule, declared_question_types
-from skipvision.lit.fsdp import FSDP_STRATEGIES
+from skipvision.lit.fsdp import FSDP_PRECISIONS, FSDP_STRATEGIES
 from skipvision.lit.module import VLMLitModule
 from skipvision.lit.requeue import slurm_requeue
 from skipvision.recipe import RecipeError, save_recipe
@@ -93,14 +93,21 @@ def _logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
 STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", *FSDP_STRATEGIES)
 
 
-def check_strategy(strategy: str) -> None:
+def check_strategy(trainer: DictConfig) -> None:
     """Fail before anything is built when ``trainer.strategy`` is not one skipvision runs (Lightning's own error
-    says only "Example choices" and comes after the model and data are built). ``fsdp`` is FSDP2 (lit/fsdp.py)."""
+    says only "Example choices" and comes after the model and data are built), or FSDP gets a precision Lightning's
+    ModelParallelStrategy refuses. ``fsdp`` is FSDP2 (lit/fsdp.py)."""
+    strategy = trainer.strategy
     if strategy not in STRATEGIES:
         close = difflib.get_close_matches(strategy, STRATEGIES, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise RecipeError(
             f"Recipe key 'trainer.strategy' is {strategy!r}.{hint} Valid values: {', '.join(STRATEGIES)}."
+        )
+    if strategy in FSDP_STRATEGIES and trainer.precision not in FSDP_PRECISIONS:
+        raise RecipeError(
+            f"Recipe key 'trainer.precision' is {trainer.precision!r}, which FSDP (trainer.strategy={strategy}) does "
+            f"not run; valid values with FSDP: {', '.join(FSDP_PRECISIONS)}."
         )
 
 
@@ -163,9 +170,7 @@ def build(cfg: DictConfig) -> tuple[VLMLitModule, WebDataModule, Path]:
     question_types = declared_question_types(cfg.data, cfg.eval)
     module = VLMLitModule(recipe, str(tokenizer_dir), question_types)
     model = module.model
-    datamodule = WebDataModule(
-        cfg.data, module.tokenizer, model.encoder, model.num_image_tokens, cfg.seed, model.tiles, question_types
-    )
+    datamodule = WebDataModule(cfg.data, module.tokenizer, model.encoder, model.num_image_tokens, cfg.seed, model.tiles)
     return module, datamodule, run_dir
 
 
@@ -199,7 +204,7 @@ def check_readable(checkpoint: Path, strategy: str) -> None:
 
 
 def fit(cfg: DictConfig) -> L.Trainer:
-    check_strategy(cfg.trainer.strategy)
+    check_strategy(cfg.trainer)
     module, datamodule, run_dir = build(cfg)
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, run_dir))
@@ -208,7 +213,7 @@ def fit(cfg: DictConfig) -> L.Trainer:
 
 def validate(cfg: DictConfig, checkpoint: str) -> list[dict[str, float]]:
     """Validation loss and answer accuracy of a checkpoint on the recipe's validation shards."""
-    check_strategy(cfg.trainer.strategy)
+    check_strategy(cfg.trainer)
     if not Path(checkpoint).exists():
         raise MissingFileError(f"No checkpoint at {checkpoint}")
     check_readable(Path(checkpoint), cfg.trainer.strategy)
