@@ -111,7 +111,9 @@ def test_two_ranks_one_val_shard_validate_every_sample_once(
     cfg = load_recipe(TINY_RECIPE, overrides(tiny_shapes, shards, two_rank_run.parent / "validate"))
     (single,) = validate(cfg, str(two_rank_run / "checkpoints" / "last.ckpt"))
     # Declared up front: every type has its metric on both ranks; "rare" got its one sample from rank 0 only.
-    assert set(two_ranks) == {"val/loss", "val/acc_all", *(f"val/acc_{t}" for t in (*QUESTION_TYPES, RARE))}
+    accuracies = {f"val/acc_{t}" for t in ("all", *QUESTION_TYPES, RARE)}
+    assert set(two_ranks) == {"val/loss", "val/data_skipped", *accuracies}
+    assert two_ranks["val/data_skipped"] == 0
     assert two_ranks["val/acc_rare"] in (0.0, 1.0)
     for key, value in two_ranks.items():
         assert single[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
