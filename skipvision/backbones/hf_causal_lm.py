@@ -15,6 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from skipvision.adapters import adapter_for
 from skipvision.registry import BACKBONES
 from skipvision.skeleton import building_skeleton
+from skipvision.weights.llava import llava_config, read_part
+from skipvision.weights.strict import WeightsMismatchError, load_strict
 
 TINY_LLAMA = {
     "config": {
@@ -36,7 +38,9 @@ def hf_causal_lm(
     attn_implementation: str | None = None,
     vocab_size: int | None = None,
 ) -> PreTrainedModel:
-    """Build ``AutoModelForCausalLM`` from ``config`` (needs ``model_type``) or load it from ``path``.
+    """Build ``AutoModelForCausalLM`` from ``config`` (needs ``model_type``) or load it from ``path``: an HF causal
+    LM folder, or an HF LLaVA folder whose language model is taken (docs/checkpoints.md "LLaVA folders"). Loading
+    is strict: weights the model needs but the folder lacks are an error, never a random initialisation.
 
     ``vocab_size`` is wired by the framework from the tokenizer: a config without one takes it, and a loaded
     model whose embedding table is smaller than the tokenizer is resized (new rows initialised by HF).
@@ -44,7 +48,9 @@ def hf_causal_lm(
     """
     if (config is None) == (path is None):
         raise ValueError("hf_causal_lm: give exactly one of 'config' (a dict with model_type) or 'path'")
-    if path is not None:
+    if path is not None and llava_config(path) is not None:
+        model = _llava_language_model(path, attn_implementation)
+    elif path is not None:
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"No config.json in backbone folder {path}")
         saved = AutoConfig.from_pretrained(path)
@@ -52,7 +58,14 @@ def hf_causal_lm(
         if building_skeleton():  # the architecture only; FSDP fills in the weights (skipvision/skeleton.py)
             model = AutoModelForCausalLM.from_config(saved, attn_implementation=attn_implementation)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, attn_implementation=attn_implementation, output_loading_info=True
+            )
+            if info["missing_keys"]:  # transformers would leave them randomly initialised
+                missing = sorted(info["missing_keys"])
+                raise WeightsMismatchError(
+                    f"{path} does not fit {type(model).__name__}: {len(missing)} missing ({', '.join(missing[:5])})"
+                )
     else:
         config = dict(config)
         if "model_type" not in config:
@@ -64,4 +77,16 @@ def hf_causal_lm(
         model = AutoModelForCausalLM.from_config(built, attn_implementation=attn_implementation)
     if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def _llava_language_model(path: str, attn_implementation: str | None) -> PreTrainedModel:
+    """The language model of an HF LLaVA folder (its ``text_config``), loaded strictly from the folder's
+    ``language_model`` tensors (docs/checkpoints.md "LLaVA folders")."""
+    config = AutoConfig.from_pretrained(path).text_config
+    adapter_for(config)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    if not building_skeleton():
+        load_strict(model, read_part(path, "language"), f"{path} (language model)")
+        model.tie_weights()
     return model

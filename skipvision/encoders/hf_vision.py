@@ -14,11 +14,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from skipvision.encoders.base import VisionEncoder, cls_attention_scores, run_scoring_block_input
+from skipvision.errors import UnsupportedModelError
 from skipvision.registry import ENCODERS, RegistryError
 from skipvision.skeleton import building_skeleton
+from skipvision.weights.llava import llava_config, read_part
+from skipvision.weights.strict import WeightsMismatchError, load_strict
 
 TINY_TOWER = {
     "config": {
@@ -50,23 +53,47 @@ class HFVisionTower(VisionEncoder):
         std: tuple[float, float, float],
         config: dict[str, Any] | None,
         path: str | None,
-        feature_layer: int,
+        feature_layer: int | None,
         attn_implementation: str,
     ) -> None:
         super().__init__()
         if (config is None) == (path is None):
             raise RegistryError(f"{model_cls.__name__}: give exactly one of 'config' (a dict) or 'path' (a folder)")
-        if path is not None:
+        weights, tower_prefix = None, prefix_tokens
+        llava = llava_config(path) if path is not None else None
+        if llava is not None:  # the vision tower of an HF LLaVA folder, with its feature layer and selection
+            full = AutoConfig.from_pretrained(path)
+            if not isinstance(full.vision_config, config_cls):
+                raise UnsupportedModelError(
+                    f"{path}: its vision tower is a {full.vision_config.model_type}, not a {config_cls.model_type}"
+                )
+            if feature_layer is None and not isinstance(full.vision_feature_layer, int):
+                raise UnsupportedModelError(f"{path}: features from several layers are not supported")
+            feature_layer = full.vision_feature_layer if feature_layer is None else feature_layer
+            prefix_tokens = 0 if full.vision_feature_select_strategy == "full" else prefix_tokens
+            full.vision_config._attn_implementation = attn_implementation
+            self.tower = model_cls(full.vision_config)
+            weights = None if building_skeleton() else read_part(path, "vision")
+            mean, std = _processor_stats(Path(path), mean, std)
+        elif path is not None:
             if not (Path(path) / "config.json").is_file():
                 raise FileNotFoundError(f"No config.json in vision tower folder {path}")
             if building_skeleton():  # the architecture only (skipvision/skeleton.py)
                 saved = config_cls.from_pretrained(path, attn_implementation=attn_implementation)
                 self.tower = model_cls(saved)
             else:
-                self.tower = model_cls.from_pretrained(path, attn_implementation=attn_implementation)
+                self.tower, info = model_cls.from_pretrained(
+                    path, attn_implementation=attn_implementation, output_loading_info=True
+                )
+                if info["missing_keys"]:  # transformers would leave them randomly initialised
+                    raise WeightsMismatchError(
+                        f"{path} does not fit {model_cls.__name__}: {len(info['missing_keys'])} missing "
+                        f"({', '.join(sorted(info['missing_keys'])[:5])})"
+                    )
             mean, std = _processor_stats(Path(path), mean, std)
         else:
             self.tower = model_cls(config_cls(**config, attn_implementation=attn_implementation))
+        feature_layer = -2 if feature_layer is None else feature_layer
         cfg = self.tower.config
         body = getattr(self.tower, "vision_model", self.tower)  # transformers 5 flattened CLIP/SigLIP towers
         layers = body.encoder.layers
@@ -74,6 +101,9 @@ class HFVisionTower(VisionEncoder):
         if not 0 <= keep <= len(layers):
             raise RegistryError(f"feature_layer {feature_layer} is out of range for {len(layers)} layers")
         del layers[keep:]
+        if weights is not None:  # LLaVA never runs the layers past its feature layer either
+            past = tuple(f"encoder.layers.{i}." for i in range(keep, keep + 1000))
+            load_strict(self.tower, weights, f"{path} (vision tower)", unused_ok=lambda key: key.startswith(past))
         for name, param in body.named_parameters():
             if not name.startswith(("embeddings.", "pre_layrnorm.", "encoder.")):
                 param.requires_grad_(False)
@@ -81,7 +111,7 @@ class HFVisionTower(VisionEncoder):
         self.has_cls = prefix_tokens == 1 and keep >= 1
         self.out_dim = cfg.hidden_size
         self.image_size = (cfg.image_size, cfg.image_size)
-        self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2
+        self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2 + tower_prefix - prefix_tokens
         self.mean, self.std = mean, std
 
     def blocks(self) -> list[nn.Module]:
@@ -129,7 +159,7 @@ def _register_tower(
     def build(
         config: dict[str, Any] | None = None,
         path: str | None = None,
-        feature_layer: int = -2,
+        feature_layer: int | None = None,
         attn_implementation: str = "sdpa",
     ) -> HFVisionTower:
         return HFVisionTower(

@@ -1,0 +1,1 @@
+"""Reading pretrained weights into skipvision's components, strictly (docs/checkpoints.md)."""

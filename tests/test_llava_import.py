@@ -1,0 +1,148 @@
+"""HF LLaVA checkpoints in: a tiny random ``LlavaForConditionalGeneration`` saved by transformers, imported part by part
+(vision tower, projector, language model) and compared with transformers' own model (docs/checkpoints.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from skipvision.data.chat import encode_prompt
+from skipvision.data.collate import pad_sequences
+from skipvision.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from skipvision.inference.generate import generate_tokens
+from skipvision.inference.sampling import GenerationConfig
+from skipvision.model import VisionLanguageModel
+from skipvision.registry import BACKBONES, PROJECTORS
+from skipvision.weights.strict import WeightsMismatchError
+
+PATCHES = 16  # (32 / 8) ** 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_shapes: Path):
+    return load_tokenizer(tiny_shapes / "tokenizer")
+
+
+def tiny_llava(tokenizer, **overrides: object) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        **{"image_seq_length": PATCHES, **overrides},
+    )
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llava_folder(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("llava")
+    tiny_llava(tokenizer).save_pretrained(folder)
+    return folder
+
+
+def imported(folder: Path, tokenizer) -> VisionLanguageModel:
+    encoder = {"name": "hf_clip", "path": str(folder)}
+    projector = {"name": "mlp2x_gelu", "weights": str(folder)}
+    backbone = {"name": "hf_causal_lm", "path": str(folder)}
+    return VisionLanguageModel.from_specs(encoder, projector, backbone, tokenizer).eval()
+
+
+def prompts(tokenizer, model: VisionLanguageModel) -> tuple[torch.Tensor, torch.Tensor]:
+    image_id = model.image_token_id
+    ids = [
+        encode_prompt(tokenizer, "What colour is the circle?", model.num_image_tokens, 1, image_id),
+        encode_prompt(tokenizer, "Is there a red square in this picture or not?", model.num_image_tokens, 1, image_id),
+    ]
+    return pad_sequences(ids, tokenizer.pad_token_id, left=True), pad_sequences(
+        [[1] * len(i) for i in ids], 0, left=True
+    )
+
+
+def test_imported_llava_gives_transformers_logits_and_greedy_tokens(llava_folder: Path, tokenizer) -> None:
+    ours = imported(llava_folder, tokenizer)
+    theirs = LlavaForConditionalGeneration.from_pretrained(llava_folder).eval()
+    assert ours.num_image_tokens == PATCHES and ours.encoder.prefix_tokens == 1  # CLS dropped ("default")
+    assert len(ours.encoder.blocks()) == 2  # feature layer -2 of 3: the last layer is never run
+    ids, mask = prompts(tokenizer, ours)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        got = ours(ids, mask, pixels, torch.tensor([1, 1])).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    eos = tokenizer.eos_token_id
+    generated = generate_tokens(ours, ids, mask, pixels, torch.tensor([1, 1]), GenerationConfig(8), eos)
+    with torch.no_grad():
+        hf = theirs.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixels,
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )[:, ids.shape[1] :].tolist()
+    for row, generation in zip(hf, generated, strict=True):
+        assert generation.token_ids == (row[: row.index(eos)] if eos in row else row)
+
+
+def test_full_selection_keeps_the_cls_token(tokenizer, tmp_path: Path) -> None:
+    tiny_llava(tokenizer, vision_feature_select_strategy="full", image_seq_length=PATCHES + 1).save_pretrained(tmp_path)
+    model = imported(tmp_path, tokenizer)
+    assert model.num_image_tokens == PATCHES + 1 and model.encoder.prefix_tokens == 0 and not model.encoder.has_cls
+
+
+def test_loading_is_strict_and_names_the_keys(llava_folder: Path, tokenizer, tmp_path: Path) -> None:
+    tensors = load_file(llava_folder / "model.safetensors")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((llava_folder / "config.json").read_text())
+    del tensors["multi_modal_projector.linear_2.bias"]
+    tensors["language_model.model.extra.weight"] = torch.zeros(2)
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(
+        WeightsMismatchError, match=r"broken \(projector\) does not fit Sequential: 1 missing \(2.bias\)"
+    ):
+        PROJECTORS.build({"name": "mlp2x_gelu", "weights": str(broken)}, in_dim=32, out_dim=64)
+    with pytest.raises(WeightsMismatchError, match=r"broken \(language model\) does not fit .*1 unused \(model.extra"):
+        BACKBONES.build({"name": "hf_causal_lm", "path": str(broken)})
+
+
+def test_original_stage1_projector_file_loads_like_the_folder(llava_folder: Path, tmp_path: Path) -> None:
+    """The original LLaVA's ``mm_projector.bin`` (keys ``model.mm_projector.0.weight`` ..., a torch file read with
+    ``weights_only``) gives the same projector as the HF folder's ``multi_modal_projector``."""
+    tensors = load_file(llava_folder / "model.safetensors")
+    names = {"linear_1": "0", "linear_2": "2"}
+    original = {
+        f"model.mm_projector.{names[k.split('.')[1]]}.{k.split('.')[2]}": v
+        for k, v in tensors.items()
+        if k.startswith("multi_modal_projector.")
+    }
+    torch.save(original, tmp_path / "mm_projector.bin")
+    from_file = PROJECTORS.build(
+        {"name": "mlp2x_gelu", "weights": str(tmp_path / "mm_projector.bin")}, in_dim=32, out_dim=64
+    )
+    from_folder = PROJECTORS.build({"name": "mlp2x_gelu", "weights": str(llava_folder)}, in_dim=32, out_dim=64)
+    assert (
+        from_file.state_dict().keys() == from_folder.state_dict().keys() == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    )
+    for key, value in from_folder.state_dict().items():
+        assert torch.equal(from_file.state_dict()[key], value)
