@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from skipvision.data.chat import encode_prompt
 from skipvision.data.collate import pad_sequences
 from skipvision.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from skipvision.data.views import image_views, pad_to_square
 from skipvision.inference.generate import generate_tokens
 from skipvision.inference.sampling import GenerationConfig
 from skipvision.model import VisionLanguageModel
@@ -51,11 +54,22 @@ def tiny_llava(tokenizer, **overrides: object) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(config).eval()
 
 
+def clip_processor() -> CLIPImageProcessor:
+    """LLaVA-1.5's image processor at the tiny tower's size: shortest edge to 32, centre crop 32 x 32."""
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
 @pytest.fixture(scope="module")
 def llava_folder(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("llava")
     tiny_llava(tokenizer).save_pretrained(folder)
+    clip_processor().save_pretrained(folder)
     return folder
+
+
+def photo(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 def imported(folder: Path, tokenizer) -> VisionLanguageModel:
@@ -146,3 +160,41 @@ def test_original_stage1_projector_file_loads_like_the_folder(llava_folder: Path
     )
     for key, value in from_folder.state_dict().items():
         assert torch.equal(from_file.state_dict()[key], value)
+
+
+def test_images_go_through_the_checkpoints_processor_and_match_transformers_on_a_non_square_image(
+    llava_folder: Path, tokenizer
+) -> None:
+    """docs/checkpoints.md "Image processing": the folder's own processor (resize the shortest edge, centre crop,
+    rescale, normalise), so a non-square image gives transformers' pixel values and logits; LLaVA-1.5's
+    pad-to-square fills with the mean colour first."""
+    ours = imported(llava_folder, tokenizer)
+    theirs = LlavaForConditionalGeneration.from_pretrained(llava_folder).eval()
+    transform = image_views(ours.encoder, ours.tiles)
+    images = [photo(48, 32, 0), photo(32, 32, 1)]  # non-square (shortest edge 32, cropped), square
+    want_pixels = clip_processor()(images=images, return_tensors="pt")["pixel_values"]
+    pixels = torch.stack([transform(image) for image in images])
+    torch.testing.assert_close(pixels, want_pixels, rtol=0, atol=1e-6)
+    ids, mask = prompts(tokenizer, ours)
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask, pixel_values=want_pixels).logits
+        got = ours(ids, mask, pixels, torch.tensor([1, 1])).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    padded = VisionLanguageModel.from_specs(
+        {"name": "hf_clip", "path": str(llava_folder), "pad_to_square": True},
+        {"name": "mlp2x_gelu", "weights": str(llava_folder)},
+        {"name": "hf_causal_lm", "path": str(llava_folder)},
+        tokenizer,
+    )
+    fill = tuple(int(m * 255) for m in clip_processor().image_mean)
+    square = pad_to_square(images[0], fill)
+    assert (
+        square.size == (48, 48)
+        and square.getpixel((0, 0)) == fill
+        and square.getpixel((0, 8)) == images[0].getpixel((0, 0))
+    )
+    torch.testing.assert_close(
+        image_views(padded.encoder, None)(images[0]),
+        clip_processor()(images=square, return_tensors="pt")["pixel_values"][0],
+    )

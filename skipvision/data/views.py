@@ -1,6 +1,10 @@
-"""LLaVA-HD style image views: a global thumbnail plus a grid of high-resolution tiles.
+"""Images -> the encoder's pixel views: its checkpoint's own image processor, a plain resize, or LLaVA-HD style views
+(a global thumbnail plus a grid of high-resolution tiles).
 
-Where they enter the method: docs/method.md "Token pipeline", step 1.
+Where they enter the method: docs/method.md "Token pipeline", step 1. An encoder loaded from a folder with a
+``preprocessor_config.json`` is fed by transformers' image processor of that folder (resize, crop, rescale and
+normalise exactly as the checkpoint was trained; docs/checkpoints.md "Image processing"), optionally after LLaVA-1.5's
+pad-to-square with the image mean; encoders built from a config are fed a bicubic resize to their input size.
 
 The thumbnail is the image resized to the encoder's input size; the tiles cut the image resized to
 ``rows x cols`` times that size. With the ``prefix`` skip policy the thumbnail's tokens are retained (R) and the
@@ -10,10 +14,15 @@ tiles' tokens are the skip candidates, merged to N_s (the paper's LLaVA-HD setti
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+from transformers import AutoImageProcessor
+
+from skipvision.encoders.base import VisionEncoder
+from skipvision.errors import UnsupportedModelError
 
 
 def image_transform(image_size: tuple[int, int], mean: Iterable[float], std: Iterable[float]) -> v2.Compose:
@@ -26,6 +35,31 @@ def image_transform(image_size: tuple[int, int], mean: Iterable[float], std: Ite
             v2.Normalize(list(mean), list(std)),
         ]
     )
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's padding: the image centred on a square of its longer side, filled with ``fill`` (the mean)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+class CheckpointImages:
+    """PIL image -> [3, H, W] by the transformers image processor saved in ``folder``; with ``square``, padded to a
+    square with the processor's mean colour first (LLaVA-1.5's ``image_aspect_ratio: pad``)."""
+
+    def __init__(self, folder: Path, square: bool) -> None:
+        self.processor = AutoImageProcessor.from_pretrained(folder)
+        self.fill = tuple(int(m * 255) for m in self.processor.image_mean) if square else None
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.fill is not None:
+            image = pad_to_square(image.convert("RGB"), self.fill)
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]  # [3, H, W]
 
 
 class ThumbnailTiles:
@@ -55,9 +89,15 @@ class ThumbnailTiles:
 
 
 def image_views(
-    image_size: tuple[int, int], mean: Iterable[float], std: Iterable[float], tiles: tuple[int, int] | None
-) -> v2.Compose | ThumbnailTiles:
-    """The per-image transform: one view ([3, H, W]) or, with a ``tiles`` grid, thumbnail + tiles ([V, 3, H, W])."""
+    encoder: VisionEncoder, tiles: tuple[int, int] | None
+) -> v2.Compose | ThumbnailTiles | CheckpointImages:
+    """The per-image transform of ``encoder``: one view ([3, H, W]) or, with a ``tiles`` grid, thumbnail + tiles
+    ([V, 3, H, W])."""
+    folder = encoder.image_processor_folder()
+    if folder is not None:
+        if tiles is not None:
+            raise UnsupportedModelError("LLaVA-HD tiles with a checkpoint's own image processor are not supported")
+        return CheckpointImages(folder, encoder.pad_to_square)
     if tiles is None:
-        return image_transform(image_size, mean, std)
-    return ThumbnailTiles(image_size, mean, std, tuple(tiles))
+        return image_transform(encoder.image_size, encoder.mean, encoder.std)
+    return ThumbnailTiles(encoder.image_size, encoder.mean, encoder.std, tuple(tiles))

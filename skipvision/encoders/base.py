@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +27,13 @@ class VisionEncoder(nn.Module):
     std: tuple[float, float, float]
     has_cls: bool = False
     """Whether ``forward_with_cls_attention`` returns [CLS] attention scores (False: it returns None)."""
+    pad_to_square: bool = False
+    """Pad images to a square with the mean colour before the checkpoint's image processor (LLaVA-1.5)."""
+
+    def image_processor_folder(self) -> Path | None:
+        """A folder whose transformers image processor prepares this encoder's images (skipvision/data/views.py);
+        None: a bicubic resize to ``image_size`` and ``mean``/``std`` normalisation."""
+        return None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -55,8 +55,11 @@ class HFVisionTower(VisionEncoder):
         path: str | None,
         feature_layer: int | None,
         attn_implementation: str,
+        pad_to_square: bool = False,
     ) -> None:
         super().__init__()
+        self.folder = Path(path) if path is not None else None
+        self.pad_to_square = pad_to_square
         if (config is None) == (path is None):
             raise RegistryError(f"{model_cls.__name__}: give exactly one of 'config' (a dict) or 'path' (a folder)")
         weights, tower_prefix = None, prefix_tokens
@@ -114,6 +117,12 @@ class HFVisionTower(VisionEncoder):
         self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2 + tower_prefix - prefix_tokens
         self.mean, self.std = mean, std
 
+    def image_processor_folder(self) -> Path | None:
+        """The checkpoint folder when it has a ``preprocessor_config.json``."""
+        if self.folder is not None and (self.folder / "preprocessor_config.json").is_file():
+            return self.folder
+        return None
+
     def blocks(self) -> list[nn.Module]:
         """The encoder layers kept up to the feature layer."""
         return list(getattr(self.tower, "vision_model", self.tower).encoder.layers)
@@ -161,9 +170,19 @@ def _register_tower(
         path: str | None = None,
         feature_layer: int | None = None,
         attn_implementation: str = "sdpa",
+        pad_to_square: bool = False,
     ) -> HFVisionTower:
         return HFVisionTower(
-            model_cls, config_cls, prefix_tokens, mean, std, config, path, feature_layer, attn_implementation
+            model_cls,
+            config_cls,
+            prefix_tokens,
+            mean,
+            std,
+            config,
+            path,
+            feature_layer,
+            attn_implementation,
+            pad_to_square,
         )
 
     build.__doc__ = doc

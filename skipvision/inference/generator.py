@@ -54,8 +54,7 @@ class VLMGenerator:
     def __init__(self, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        enc = model.encoder
-        self.transform = image_views(enc.image_size, enc.mean, enc.std, model.tiles)
+        self.transform = image_views(model.encoder, model.tiles)
 
     @classmethod
     def from_checkpoint(

@@ -48,7 +48,7 @@ class WebDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = data
         self.tokenizer = tokenizer
-        self.transform = image_views(encoder.image_size, encoder.mean, encoder.std, tiles)
+        self.transform = image_views(encoder, tiles)
         self.num_image_tokens = num_image_tokens
         self.seed = seed
 
