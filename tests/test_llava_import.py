@@ -12,11 +12,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from skipvision.cli import main
 from skipvision.data.chat import encode_prompt
 from skipvision.data.collate import pad_sequences
 from skipvision.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from skipvision.data.views import image_views, pad_to_square
 from skipvision.inference.generate import generate_tokens
+from skipvision.inference.generator import Request, VLMGenerator
 from skipvision.inference.sampling import GenerationConfig
 from skipvision.model import VisionLanguageModel
 from skipvision.registry import BACKBONES, PROJECTORS
@@ -64,6 +66,7 @@ def llava_folder(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("llava")
     tiny_llava(tokenizer).save_pretrained(folder)
     clip_processor().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -198,3 +201,37 @@ def test_images_go_through_the_checkpoints_processor_and_match_transformers_on_a
         image_views(padded.encoder, None)(images[0]),
         clip_processor()(images=square, return_tensors="pt")["pixel_values"][0],
     )
+
+
+def test_generate_from_a_llava_folder_equals_transformers_generate(
+    llava_folder: Path, tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/checkpoints.md "Generating from a LLaVA folder": no training, no run folder; the same tokens as HF
+    ``generate`` on the same prompt ids and pixels, through the Python API and the CLI; ``--policy`` runs FastV."""
+    image = tmp_path / "photo.png"
+    photo(48, 32, 3).save(image)
+    generator = VLMGenerator.from_checkpoint(llava_folder)
+    request = Request("What colour is the circle?", image)
+    (answer,) = generator.generate([request], GenerationConfig(max_new_tokens=6))
+    (encoded,) = generator.encode([request])
+    theirs = LlavaForConditionalGeneration.from_pretrained(llava_folder).eval()
+    ids = torch.tensor([encoded.ids])
+    with torch.no_grad():
+        hf = theirs.generate(
+            input_ids=ids,
+            pixel_values=encoded.pixels[None],
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, ids.shape[1] :].tolist()
+    eos = tokenizer.eos_token_id
+    assert answer.token_ids == (hf[: hf.index(eos)] if eos in hf else hf)
+
+    args = ["generate", "--checkpoint", str(llava_folder), "--prompt", request.prompt, "--image", str(image)]
+    assert main([*args, "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == f"{answer.text}\n"
+    assert main([*args, "--policy", "{name: fastv, layer: 1, ratio: 0.5}", "--stats"]) == 0
+    assert "KV" in capsys.readouterr().out
+    assert main([*args, "--policy", "{name: fastv, layer: 1"]) == 2
+    assert "--policy is not valid YAML" in capsys.readouterr().err

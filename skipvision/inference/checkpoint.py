@@ -6,13 +6,19 @@ these resolves to the same three files: the run folder, its ``checkpoints/`` fol
 (docs/distributed.md "Checkpoints"). The model is rebuilt from the recipe exactly as training built it, then the
 checkpoint's weights are loaded strictly (a missing or unexpected tensor is an error, never a silently half-loaded
 model). :func:`consolidate` writes a checkpoint's model weights as one safetensors file.
+
+An HF LLaVA folder (``LlavaForConditionalGeneration``, with its tokenizer) also loads, without training: the full
+model, or a training-free method given as a skip spec (``fastv``, ``merge_only``; docs/checkpoints.md "Generating
+from a LLaVA folder").
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -22,11 +28,13 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import PreTrainedTokenizerBase
 
+from skipvision.data.chat import IMAGE_PLACEHOLDER
 from skipvision.data.tokenizer import load_tokenizer
-from skipvision.errors import SkipvisionError
+from skipvision.errors import SkipvisionError, UnsupportedModelError
 from skipvision.model import VisionLanguageModel
 from skipvision.recipe import load_recipe
 from skipvision.registry import import_modules, load_entry_point_plugins
+from skipvision.weights.llava import llava_config
 
 MODEL_PREFIX = "model."  # VLMLitModule keeps the VisionLanguageModel under .model
 
@@ -74,10 +82,51 @@ def locate(path: str | Path) -> CheckpointFiles:
     return files
 
 
+TOWERS = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}  # LLaVA vision_config -> encoder
+
+
+def load_llava_folder(
+    path: str | Path, skip: Mapping[str, Any] | None = None
+) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase]:
+    """An HF LLaVA folder as a model (its three parts, docs/checkpoints.md "LLaVA folders") and its tokenizer;
+    ``skip`` is a ``model.skip`` section (default: the full model)."""
+    config = llava_config(path)
+    if config is None:
+        raise CheckpointError(f"{path} is not an HF LLaVA folder (config.json with model_type llava)")
+    tower = TOWERS.get(config.get("vision_config", {}).get("model_type", "clip_vision_model"))
+    if tower is None:
+        raise UnsupportedModelError(
+            f"{path}: vision tower {config['vision_config']['model_type']!r} is not supported; "
+            f"supported: {', '.join(TOWERS)}"
+        )
+    tokenizer = load_tokenizer(path)
+    image_id = config.get("image_token_id", config.get("image_token_index"))
+    if tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER) != image_id:
+        raise CheckpointError(
+            f"{path}: the tokenizer's {IMAGE_PLACEHOLDER} is id {tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)} "
+            f"but config.json says image_token_id {image_id}"
+        )
+    parts = ({"name": tower, "path": str(path)}, {"name": "mlp2x_gelu", "weights": str(path)})
+    backbone = {"name": "hf_causal_lm", "path": str(path)}
+    model = VisionLanguageModel.from_specs(*parts, backbone, tokenizer, IMAGE_PLACEHOLDER, skip=skip)
+    return model.eval(), tokenizer
+
+
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase, DictConfig]:
-    """The trained model (eval mode), its tokenizer and its recipe."""
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    skip: Mapping[str, Any] | None = None,
+) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase, DictConfig | None]:
+    """The trained model (eval mode), its tokenizer and its recipe; for an HF LLaVA folder, the model ``skip``
+    describes (default: full) and no recipe. ``skip`` is only for LLaVA folders: a run has its own."""
+    if llava_config(path) is not None:
+        model, tokenizer = load_llava_folder(path, skip)
+        return model.to(device=device, dtype=dtype), tokenizer, None
+    if skip is not None:
+        raise CheckpointError(
+            f"{path} is a training run: its skip settings are its recipe's; --policy is for HF LLaVA folders"
+        )
     files = locate(path)
     recipe = load_recipe(files.recipe)
     load_entry_point_plugins()

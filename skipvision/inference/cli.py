@@ -14,7 +14,9 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from skipvision.errors import MissingFileError
 
@@ -27,7 +29,14 @@ DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="answer prompts about images with a trained checkpoint")
-    gen.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or a .ckpt file")
+    gen.add_argument(
+        "--checkpoint", required=True, help="run folder, its checkpoints/ folder, a .ckpt, or an HF LLaVA folder"
+    )
+    gen.add_argument(
+        "--policy",
+        help="HF LLaVA folders only: a training-free skip policy spec in YAML, e.g. '{name: fastv, layer: 2}' "
+        "(default: the full model)",
+    )
     one = gen.add_argument_group("one request")
     one.add_argument("--prompt", help="the user message (<image> marks the image; prepended when absent)")
     one.add_argument("--image", help="image file (omit for a text-only prompt)")
@@ -81,6 +90,16 @@ def format_stats(gen: Generation) -> str:
     )
 
 
+def policy_spec(text: str) -> Any:
+    """``--policy``: a registered name or a YAML spec (``{name: fastv, layer: 2}``)."""
+    from skipvision.inference.generator import RequestError
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RequestError(f"--policy is not valid YAML: {' '.join(str(err).split())}") from None
+
+
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
@@ -104,7 +123,8 @@ def run_generate(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise RequestError(str(err)) from None
     rows = [({}, Request(args.prompt, args.image))] if args.requests is None else read_requests(Path(args.requests))
-    generator = VLMGenerator.from_checkpoint(args.checkpoint, args.device, getattr(torch, args.dtype))
+    skip = None if args.policy is None else {"policy": policy_spec(args.policy)}
+    generator = VLMGenerator.from_checkpoint(args.checkpoint, args.device, getattr(torch, args.dtype), skip)
     results = generator.generate([req for _, req in rows], config, args.batch_size)
     if args.requests is None:
         print(results[0].text)

@@ -14,9 +14,10 @@ prompt longer than the model's context fails naming the request.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -58,10 +59,15 @@ class VLMGenerator:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        skip: Mapping[str, Any] | None = None,
     ) -> VLMGenerator:
-        """From a run folder, its ``checkpoints/`` folder or a ``.ckpt`` file (see :mod:`.checkpoint`)."""
-        model, tokenizer, _ = load_model(path, device, dtype)
+        """From a run folder, its ``checkpoints/`` folder or a ``.ckpt`` file, or an HF LLaVA folder with an optional
+        training-free ``skip`` section (see :mod:`.checkpoint`)."""
+        model, tokenizer, _ = load_model(path, device, dtype, skip)
         return cls(model, tokenizer)
 
     @property
