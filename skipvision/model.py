@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from skipvision.data.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from skipvision.data.tokenizer import TokenizerError
 from skipvision.encoders.base import VisionEncoder
 from skipvision.errors import SkipvisionError
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS
@@ -29,10 +30,6 @@ from skipvision.skip.visual import SkipVisionTokens, VisualTokens
 
 class ImageTokenMismatchError(SkipvisionError, ValueError):
     """The ``<image>`` slots in the token ids do not match the images given (per sample)."""
-
-
-class TokenizerError(SkipvisionError, ValueError):
-    """The tokenizer lacks a token the model needs (the image placeholder)."""
 
 
 @dataclass

@@ -41,6 +41,8 @@ class DataConfig:
     train_shards: str | None = None  # brace pattern or glob; default: <root>/train/*.tar
     val_shards: str | None = None  # default: <root>/val/*.tar
     tokenizer: str | None = None  # default: <root>/tokenizer
+    chat_template: str = "auto"  # auto (the tokenizer's own, else skipvision_v1) | tokenizer | skipvision_v1 | llava_v1
+    system_prompt: str | None = None  # a system message before every conversation (when the template takes one)
     batch_size: int = 32
     val_batch_size: int = 64
     num_workers: int = 1

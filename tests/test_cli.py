@@ -14,7 +14,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from skipvision.cli import main
+from skipvision.data.tokenizer import TokenizerError, load_tokenizer
 from skipvision.errors import SkipvisionError
+from skipvision.model import VisionLanguageModel
 from skipvision.registry import REGISTRIES
 
 from .conftest import TINY_RECIPE
@@ -99,15 +101,16 @@ def _tokenizer_without_image_token(folder: Path) -> Path:
     return folder
 
 
-def test_tokenizer_without_image_token_is_a_user_error(
-    tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    tokenizer = _tokenizer_without_image_token(tmp_path / "tokenizer")
-    assert main(["fit", "--recipe", str(TINY_RECIPE), *tiny_overrides, f"data.tokenizer={tokenizer}"]) == 2
-    assert _error_line(capsys) == (
-        "skipvision fit: error: The tokenizer has no '<image>' token; add it as a special token (it marks where each "
-        "image's tokens go)"
-    )
+def test_a_tokenizer_without_image_token_gets_one(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """``fit`` adds ``<image>`` as a special token (docs/checkpoints.md "Chat templates") and saves the tokenizer
+    with it; the Python API, given such a tokenizer directly, fails in one line instead."""
+    folder = _tokenizer_without_image_token(tmp_path / "tokenizer")
+    assert main(["fit", "--recipe", str(TINY_RECIPE), *tiny_overrides, f"data.tokenizer={folder}"]) == 0
+    saved = load_tokenizer(tmp_path / "run" / "tokenizer")
+    image_id = saved.convert_tokens_to_ids("<image>")
+    assert image_id == len(saved) - 1 and saved.added_tokens_decoder[image_id].special
+    with pytest.raises(TokenizerError, match="The tokenizer has no '<image>' token"):
+        VisionLanguageModel.from_specs("timm", "mlp2x_gelu", "hf_causal_lm", load_tokenizer(folder))
 
 
 def test_multi_line_messages_print_as_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -154,7 +157,7 @@ def test_errors_that_are_not_user_errors_keep_their_traceback(tiny_overrides: li
         "skipvision.data.pipeline.DataError",
         "skipvision.data.chat.ConversationError",
         "skipvision.model.ImageTokenMismatchError",
-        "skipvision.model.TokenizerError",
+        "skipvision.data.tokenizer.TokenizerError",
         "skipvision.inference.generator.RequestError",
         "skipvision.inference.checkpoint.CheckpointError",
         "skipvision.inference.generate.PromptTooLongError",

@@ -74,7 +74,9 @@ def test_chat_expands_images_and_labels_only_answers(tokenizer) -> None:
 def test_chat_rejects_placeholder_image_mismatch(tokenizer) -> None:
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     conv = json.loads(_conv())["conversations"]
-    with pytest.raises(ConversationError, match=r"1 <image> placeholder\(s\) but the sample has 2 image\(s\)"):
+    with pytest.raises(
+        ConversationError, match=r"conversation has 1 <image> placeholder\(s\) but 2 image\(s\) were given"
+    ):
         encode_conversation(tokenizer, conv, N_SLOTS, 2, image_id)
     with pytest.raises(ConversationError, match="alternating"):
         encode_conversation(tokenizer, conv[:1], N_SLOTS, 1, image_id)

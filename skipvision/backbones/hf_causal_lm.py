@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from skipvision.adapters import adapter_for
@@ -43,7 +44,7 @@ def hf_causal_lm(
     is strict: weights the model needs but the folder lacks are an error, never a random initialisation.
 
     ``vocab_size`` is wired by the framework from the tokenizer: a config without one takes it, and a loaded
-    model whose embedding table is smaller than the tokenizer is resized (new rows initialised by HF).
+    model whose embedding table is smaller than the tokenizer is resized, new rows set to the mean of the old.
     ``attn_implementation`` None takes transformers' default for the family (sdpa where it has one; Gemma 2 eager).
     """
     if (config is None) == (path is None):
@@ -76,8 +77,19 @@ def hf_causal_lm(
         adapter_for(built)
         model = AutoModelForCausalLM.from_config(built, attn_implementation=attn_implementation)
     if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
-        model.resize_token_embeddings(vocab_size)
+        grow_vocabulary(model, vocab_size)
     return model
+
+
+def grow_vocabulary(model: PreTrainedModel, vocab_size: int) -> None:
+    """Resize the embedding table (and an untied LM head) to ``vocab_size`` rows for tokens the tokenizer added
+    (``<image>``); each new row is the mean of the existing rows."""
+    old = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for table in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if table is not None and table.weight.device.type != "meta":
+                table.weight[old:] = table.weight[:old].mean(dim=0)  # [new, D]
 
 
 def _llava_language_model(path: str, attn_implementation: str | None) -> PreTrainedModel:

@@ -1,13 +1,12 @@
-"""Chat template and tokenisation with answer-only labels (docs/method.md "Slot layout").
+"""Conversations -> token ids with answer-only labels, through the tokenizer's chat template (docs/method.md "Slot
+layout", docs/checkpoints.md "Chat templates").
 
-Layout of a conversation (LLaVA-v1 style, one line per turn)::
-
-    <s>USER: <image>\\nWhat colour is the circle?\\nASSISTANT: red</s>\\nUSER: ...
-
-Each ``<image>`` in a user turn is expanded to exactly ``num_image_tokens`` copies of the image token id, the
-slots the model fills with visual tokens. Labels are -100 everywhere except the assistant's answer tokens and the
-``</s>`` that ends each answer. Training and generation render prompts through the same function, so a prompt at
-inference time tokenises exactly like the prefix of a training sample.
+A conversation is rendered whole by the chat template (skipvision/data/templates.py) and tokenised once, so
+SentencePiece and BPE tokenizers see the text exactly as in one string. Labels are -100 everywhere except each
+assistant turn's content and the special token that ends the turn (``</s>``, ``<|im_end|>``, ``<|eot_id|>``), found
+from the character offsets of the rendering. Each ``<image>`` is then expanded to exactly ``num_image_tokens``
+copies of the image token id, the slots the model fills with visual tokens. A generation prompt is the template's
+rendering with ``add_generation_prompt``, which is also the prefix of the training sample ending in that turn.
 """
 
 from __future__ import annotations
@@ -17,13 +16,12 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from skipvision.data.templates import ChatTemplateError, end_of_turn, render
 from skipvision.errors import SkipvisionError
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
-USER_PREFIX = "USER: "
-ASSISTANT_PREFIX = "\nASSISTANT:"
-TURN_SEPARATOR = "\n"
+ROLES = {"human": "user", "gpt": "assistant"}
 
 
 class ConversationError(SkipvisionError, ValueError):
@@ -34,23 +32,48 @@ class ConversationError(SkipvisionError, ValueError):
 class EncodedConversation:
     input_ids: list[int]
     labels: list[int]
-    prompt_length: int  # tokens up to and including the last "ASSISTANT:" (the generation prompt)
+    prompt_length: int  # tokens of the generation prompt of the last assistant turn (the training prefix)
     answer: str  # the last assistant turn's text
 
 
-def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False) if text else []
+def _messages(conversations: Sequence[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """LLaVA-style ``{from: human|gpt, value}`` turns -> chat messages; they must alternate, human first."""
+    if not conversations or len(conversations) % 2:
+        raise ConversationError(f"expected alternating human/gpt turns, got {len(conversations)} turns")
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    for i, turn in enumerate(conversations):
+        want = "human" if i % 2 == 0 else "gpt"
+        if turn.get("from") != want:
+            raise ConversationError(f"turn {i} must be {want}, got {turn.get('from')}")
+        messages.append({"role": ROLES[want], "content": turn["value"]})
+    return messages
 
 
-def encode_user_turn(
-    tokenizer: PreTrainedTokenizerBase, text: str, num_image_tokens: int, image_token_id: int
-) -> tuple[list[int], int]:
-    """Tokens of ``USER: {text}\\nASSISTANT:`` with each ``<image>`` expanded; returns (ids, images seen)."""
-    parts = f"{USER_PREFIX}{text}{ASSISTANT_PREFIX}".split(IMAGE_PLACEHOLDER)
-    ids = _text_ids(tokenizer, parts[0])
-    for part in parts[1:]:
-        ids += [image_token_id] * num_image_tokens + _text_ids(tokenizer, part)
-    return ids, len(parts) - 1
+def _tokenise(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    spans: Sequence[tuple[int, int]],
+    num_image_tokens: int,
+    num_images: int,
+    image_token_id: int,
+    what: str = "conversation",
+) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of ``text`` with ``<image>`` expanded, labels (the ids inside ``spans`` of characters, else -100)
+    and each token's start character; ``what`` names the text in errors."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels, starts = [], [], []
+    for token, (start, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+        copies = num_image_tokens if token == image_token_id else 1
+        inside = any(a <= start < b for a, b in spans) and token != image_token_id
+        ids += [token] * copies
+        labels += [token if inside else IGNORE_INDEX] * copies
+        starts += [start] * copies
+    seen = enc["input_ids"].count(image_token_id)
+    if seen != num_images:
+        raise ConversationError(
+            f"{what} has {seen} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s) were given"
+        )
+    return ids, labels, starts
 
 
 def encode_conversation(
@@ -59,35 +82,41 @@ def encode_conversation(
     num_image_tokens: int,
     num_images: int,
     image_token_id: int,
+    system: str | None = None,
 ) -> EncodedConversation:
-    """Tokenise alternating human/gpt turns; the placeholder count must equal ``num_images``."""
-    if not conversations or len(conversations) % 2:
-        raise ConversationError(f"expected alternating human/gpt turns, got {len(conversations)} turns")
-    ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
-    placeholders, prompt_length, answer = 0, 0, ""
-    for i in range(0, len(conversations), 2):
-        human, gpt = conversations[i], conversations[i + 1]
-        if human.get("from") != "human" or gpt.get("from") != "gpt":
-            raise ConversationError(f"turn {i} must be human then gpt, got {human.get('from')}, {gpt.get('from')}")
-        if i:
-            sep = _text_ids(tokenizer, TURN_SEPARATOR)
-            ids, labels = ids + sep, labels + [IGNORE_INDEX] * len(sep)
-        user, seen = encode_user_turn(tokenizer, human["value"], num_image_tokens, image_token_id)
-        placeholders += seen
-        ids, labels = ids + user, labels + [IGNORE_INDEX] * len(user)
-        prompt_length, answer = len(ids), gpt["value"]
-        reply = [*_text_ids(tokenizer, f" {answer}"), tokenizer.eos_token_id]
-        ids, labels = ids + reply, labels + reply
-    if placeholders != num_images:
-        raise ConversationError(
-            f"conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
-            f"but the sample has {num_images} image(s)"
-        )
-    return EncodedConversation(ids, labels, prompt_length, answer)
+    """Tokenise alternating human/gpt turns (with an optional system prompt); the placeholder count must equal
+    ``num_images``."""
+    messages = _messages(conversations, system)
+    full = render(tokenizer, messages)
+    spans, prompt_chars = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], generation_prompt=True)
+        if not full.startswith(prefix):
+            raise ChatTemplateError("the chat template renders a conversation's start differently from its whole")
+        text = message["content"].strip()  # templates may trim it
+        content = full.find(text, len(prefix))
+        if content < 0:
+            raise ChatTemplateError(f"the chat template does not render assistant turn {i} verbatim")
+        after = content + len(text)
+        closing = end_of_turn(tokenizer, full[after:])
+        spans.append((len(prefix), after + (closing or 0)))
+        prompt_chars = len(prefix)
+    if not spans:
+        raise ChatTemplateError("the chat template rendered no assistant turn")
+    ids, labels, starts = _tokenise(tokenizer, full, spans, num_image_tokens, num_images, image_token_id)
+    prompt_length = next(i for i, start in enumerate(starts) if start >= prompt_chars)
+    return EncodedConversation(ids, labels, prompt_length, conversations[-1]["value"])
 
 
 def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase, text: str, num_image_tokens: int, num_images: int, image_token_id: int
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    num_image_tokens: int,
+    num_images: int,
+    image_token_id: int,
+    system: str | None = None,
 ) -> list[int]:
     """The generation prompt for one user message; the placeholder count must equal ``num_images``.
 
@@ -95,9 +124,7 @@ def encode_prompt(
     """
     if num_images == 1 and IMAGE_PLACEHOLDER not in text:
         text = f"{IMAGE_PLACEHOLDER}\n{text}"
-    user, seen = encode_user_turn(tokenizer, text, num_image_tokens, image_token_id)
-    if seen != num_images:
-        raise ConversationError(
-            f"prompt has {seen} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s) were given"
-        )
-    return [tokenizer.bos_token_id, *user]
+    messages = _messages([{"from": "human", "value": text}, {"from": "gpt", "value": ""}], system)[:-1]
+    prompt = render(tokenizer, messages, generation_prompt=True)
+    ids, _, _ = _tokenise(tokenizer, prompt, (), num_image_tokens, num_images, image_token_id, "prompt")
+    return ids

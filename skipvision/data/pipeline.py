@@ -88,8 +88,10 @@ class SampleEncoder:
         transform: Callable[[Image.Image], torch.Tensor],
         max_length: int,
         with_prompt: bool = False,
+        system: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.system = system
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
         self.transform = transform
@@ -110,7 +112,7 @@ class SampleEncoder:
         image_keys = sorted(k for k in sample if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
         images = [self.transform(_decode_image(sample[k])) for k in image_keys]
         enc = encode_conversation(
-            self.tokenizer, meta["conversations"], self.num_image_tokens, len(images), self.image_token_id
+            self.tokenizer, meta["conversations"], self.num_image_tokens, len(images), self.image_token_id, self.system
         )
         if len(enc.input_ids) > self.max_length:
             raise ValueError(f"{len(enc.input_ids)} tokens, over data.max_length={self.max_length}")

@@ -5,8 +5,8 @@ one locally keeps the whole pipeline offline and the language-model embedding ta
 BPE means any string is still encodable. ``<image>`` is registered as a special added token so it
 always maps to exactly one id (the model later replaces that position with image features).
 
-The tokenizer never adds ``<s>``/``</s>`` by itself: the collate function adds them explicitly, so
-``encode`` returns just the text's tokens.
+The tokenizer never adds ``<s>``/``</s>`` by itself: the chat template writes them (skipvision/data/templates.py),
+so ``encode`` returns just the text's tokens. :func:`prepare_tokenizer` makes any HF tokenizer usable.
 """
 
 from __future__ import annotations
@@ -15,9 +15,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from skipvision.errors import MissingFileError
+from skipvision.data.templates import AUTO, apply_template
+from skipvision.errors import MissingFileError, SkipvisionError
+
+
+class TokenizerError(SkipvisionError, ValueError):
+    """The tokenizer lacks a token the model needs (the image placeholder), or one to pad with."""
+
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 IMAGE_TOKEN = "<image>"
@@ -67,3 +73,18 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     if not (path / "tokenizer.json").is_file():
         raise MissingFileError(f"no tokenizer found at {path} (expected {path / 'tokenizer.json'})")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str = AUTO) -> PreTrainedTokenizerBase:
+    """Make any HF tokenizer usable for training and generation (docs/checkpoints.md "Chat templates"): add
+    ``<image>`` as a special token when missing (the backbone grows its embedding table to match), take EOS (else
+    UNK) as the pad token when there is none (padding is always masked), and set the chat template
+    (skipvision/data/templates.py)."""
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tokenizer.unk_token_id):
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    if tokenizer.pad_token_id is None:
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fallback is None:
+            raise TokenizerError("the tokenizer has no pad, EOS or UNK token to pad with")
+        tokenizer.pad_token = fallback
+    return apply_template(tokenizer, chat_template)

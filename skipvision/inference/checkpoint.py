@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import PreTrainedTokenizerBase
 
 from skipvision.data.chat import IMAGE_PLACEHOLDER
+from skipvision.data.templates import apply_template
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.errors import SkipvisionError, UnsupportedModelError
 from skipvision.model import VisionLanguageModel
@@ -100,6 +101,7 @@ def load_llava_folder(
             f"supported: {', '.join(TOWERS)}"
         )
     tokenizer = load_tokenizer(path)
+    apply_template(tokenizer, "tokenizer" if tokenizer.chat_template else "llava_v1")  # LLaVA-1.5's own layout
     image_id = config.get("image_token_id", config.get("image_token_index"))
     if tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER) != image_id:
         raise CheckpointError(

@@ -15,7 +15,7 @@ the device unless stop strings need the text (or, on CUDA, one step late, whethe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +120,7 @@ def generate_tokens(
     pixel_values: torch.Tensor | None,
     num_images: torch.Tensor | None,
     config: GenerationConfig,
-    eos_token_id: int | None,
+    eos_token_id: int | Sequence[int] | None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     agree: Callable[[bool], bool] | None = None,
 ) -> list[Generation]:

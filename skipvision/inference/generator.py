@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from skipvision.data.chat import ConversationError, encode_prompt
 from skipvision.data.collate import pad_sequences
+from skipvision.data.templates import end_of_turn_ids
 from skipvision.data.views import image_views
 from skipvision.errors import MissingFileError, SkipvisionError
 from skipvision.inference.checkpoint import load_model
@@ -52,9 +53,13 @@ class EncodedRequest:
 class VLMGenerator:
     """A model, its tokenizer and its image transform, ready to answer requests in batches."""
 
-    def __init__(self, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, system: str | None = None
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.system = system  # the run's data.system_prompt: prompts render exactly as in training
+        self.end_of_turn = end_of_turn_ids(tokenizer)
         self.transform = image_views(model.encoder, model.tiles)
 
     @classmethod
@@ -67,8 +72,8 @@ class VLMGenerator:
     ) -> VLMGenerator:
         """From a run folder, its ``checkpoints/`` folder or a ``.ckpt`` file, or an HF LLaVA folder with an optional
         training-free ``skip`` section (see :mod:`.checkpoint`)."""
-        model, tokenizer, _ = load_model(path, device, dtype, skip)
-        return cls(model, tokenizer)
+        model, tokenizer, recipe = load_model(path, device, dtype, skip)
+        return cls(model, tokenizer, None if recipe is None else recipe.data.system_prompt)
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +91,7 @@ class VLMGenerator:
                     self.model.num_image_tokens,
                     0 if pixels is None else 1,
                     self.model.image_token_id,
+                    self.system,
                 )
             except (ConversationError, FileNotFoundError, ValueError) as err:
                 raise RequestError(f"request {i}: {err}") from err
@@ -115,9 +121,7 @@ class VLMGenerator:
         dtype = next(self.model.encoder.parameters()).dtype
         pixels = torch.stack(images).to(device, dtype) if images else None  # [M, 3, H, W] (or [M, V, 3, H, W])
         num_images = torch.tensor([int(e.pixels is not None) for e in batch])  # [B]
-        return generate_tokens(
-            self.model, ids, mask, pixels, num_images, config, self.tokenizer.eos_token_id, self.tokenizer
-        )
+        return generate_tokens(self.model, ids, mask, pixels, num_images, config, self.end_of_turn, self.tokenizer)
 
 
 def _open_image(image: str | Path | Image.Image) -> Image.Image:

@@ -28,6 +28,13 @@ def decode_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).removeprefix(" ")
 
 
+def eos_set(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+    """The ids that end a row: one EOS id, several (a chat template's end-of-turn and EOS), or none."""
+    if eos_token_id is None:
+        return frozenset()
+    return frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+
+
 def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
     """The text before the earliest stop string, or None when none occurs."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -50,14 +57,15 @@ class Stopping:
         self,
         room: list[int],
         max_new_tokens: int,
-        eos_token_id: int | None,
+        eos_token_id: int | Sequence[int] | None,
         device: torch.device,
         stop_strings: bool = False,
     ) -> None:
-        self.last, self.max_new_tokens, self.eos = max(room), max_new_tokens, eos_token_id
+        self.last, self.max_new_tokens, self.eos = max(room), max_new_tokens, eos_set(eos_token_id)
+        self.eos_ids = torch.tensor(sorted(self.eos), dtype=torch.long, device=device)  # [E]
         self.ends = torch.tensor(room, device=device)  # [B]
         self.stopped: dict[int, int] = {}  # row -> step of its first stop string
-        self.can_end_early = eos_token_id is not None or stop_strings
+        self.can_end_early = bool(self.eos) or stop_strings
         # Read the "all ended?" answer a step late only where it saves a wait: on CUDA, when nothing else (stop
         # strings) already brings the tokens to the host every step.
         self.late = device.type == "cuda" and not stop_strings
@@ -65,8 +73,9 @@ class Stopping:
 
     def update(self, step: int, token: torch.Tensor) -> None:
         """Step ``step`` chose ``token`` [B]: an EOS ends its row here unless the row has ended before."""
-        if self.eos is not None:
-            self.ends = torch.where(token == self.eos, self.ends.clamp(max=step), self.ends)  # [B]
+        if self.eos:
+            ended = torch.isin(token, self.eos_ids)  # [B]
+            self.ends = torch.where(ended, self.ends.clamp(max=step), self.ends)  # [B]
 
     def stop(self, rows: list[int], step: int) -> None:
         """A stop string showed up at ``step`` in each of ``rows`` (the host's finding; rows that have ended keep
@@ -104,7 +113,7 @@ class Stopping:
         """Each row's ending, from the batch's tokens [B][steps run] on the host."""
         result = []
         for row, end in enumerate(self.ends.tolist()):
-            if tokens[row][end - 1] == self.eos:
+            if tokens[row][end - 1] in self.eos:
                 reason = "eos"
             elif self.stopped.get(row) == end:
                 reason = "stop"
@@ -159,9 +168,13 @@ class StopStrings:
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], batch: int, eos_token_id: int | None
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stops: Sequence[str],
+        batch: int,
+        eos_token_id: int | Sequence[int] | None,
     ) -> None:
-        self.tokenizer, self.stops, self.eos = tokenizer, tuple(stops), eos_token_id
+        self.tokenizer, self.stops, self.eos = tokenizer, tuple(stops), eos_set(eos_token_id)
         self.reach = max(len(s) for s in self.stops) - 1  # characters before the changed tail a match may start at
         self.rows = [_RowText(tokenizer) for _ in range(batch)]
         self.texts: dict[int, str] = {}  # row -> its text cut before the first stop string
@@ -173,7 +186,7 @@ class StopStrings:
         for row, token in enumerate(tokens):
             if row in self.ended:
                 continue
-            if token == self.eos:
+            if token in self.eos:
                 self.ended.add(row)
                 continue
             state = self.rows[row]

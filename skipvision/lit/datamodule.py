@@ -64,6 +64,7 @@ class WebDataModule(L.LightningDataModule):
             self.transform,
             self.cfg.max_length,
             with_prompt=not training,
+            system=self.cfg.system_prompt,
         )
         trainer = self.trainer
         placement = Placement() if trainer is None else Placement(trainer.global_rank, trainer.world_size)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torchmetrics import MeanMetric, SumMetric
 
+from skipvision.data.templates import end_of_turn_ids
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.inference.generate import generate_tokens
 from skipvision.inference.sampling import GenerationConfig
@@ -64,6 +65,7 @@ class VLMLitModule(L.LightningModule):
         self.undeclared: set[str] = set()
         self.val_accuracy = nn.ModuleDict({key: MeanMetric() for key in ("all", *question_types)})
         self.data_errors = 0
+        self.end_of_turn = end_of_turn_ids(self.tokenizer)  # generation stops on EOS or the template's turn end
 
     def build_model(self) -> VisionLanguageModel:
         """The model as the recipe describes it, initialised under the recipe's seed (the same weights everywhere),
@@ -121,7 +123,7 @@ class VLMLitModule(L.LightningModule):
             batch.get("pixel_values"),
             batch["num_images"],
             self.generation,
-            self.tokenizer.eos_token_id,
+            self.end_of_turn,
             self.tokenizer,
             agree=self.all_ranks_agree if self.trainer.world_size > 1 else None,
         )

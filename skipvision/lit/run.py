@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from skipvision.data.pipeline import DataError
 from skipvision.data.shapes import ShapesSettings, dataset_is_complete, generate_shapes, settings_mismatch
-from skipvision.data.tokenizer import load_tokenizer
+from skipvision.data.tokenizer import load_tokenizer, prepare_tokenizer
 from skipvision.errors import MissingFileError
 from skipvision.inference.checkpoint import CheckpointError, is_sharded
 from skipvision.lit.callbacks import SaveRecipe, Throughput
@@ -164,7 +164,7 @@ def build(cfg: DictConfig) -> tuple[VLMLitModule, WebDataModule, Path]:
     tokenizer_dir = run_dir.resolve() / "tokenizer"
     with FileLock(f"{run_dir}.lock"):
         if not (tokenizer_dir / "tokenizer.json").is_file():
-            load_tokenizer(source).save_pretrained(tokenizer_dir)
+            prepare_tokenizer(load_tokenizer(source), cfg.data.chat_template).save_pretrained(tokenizer_dir)
         save_recipe(cfg, run_dir / "recipe.yaml")
     recipe: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     question_types = declared_question_types(cfg.data, cfg.eval)
