@@ -44,6 +44,10 @@ def make_parser() -> argparse.ArgumentParser:
     generate_cli.add_parser(sub)
     bench_cli.add_parser(sub)
     _add_recipe_args(sub.add_parser("print-recipe", help="print the resolved recipe"))
+    exp = sub.add_parser("export", help="a run's model as a self-contained folder (no Lightning, no base folders)")
+    exp.add_argument("--checkpoint", required=True, help="a run folder, a .ckpt file or an FSDP .ckpt folder")
+    exp.add_argument("--out", required=True, help="a new or empty folder")
+    exp.add_argument("--max-shard-size", default="5GB", help="safetensors shards above this size (e.g. 5GB, 500MB)")
     merge = sub.add_parser("consolidate", help="a checkpoint's model weights (FSDP shards too) as one safetensors")
     merge.add_argument("--checkpoint", required=True, help="a run folder, a .ckpt file or an FSDP .ckpt folder")
     merge.add_argument("--out", required=True, help="the .safetensors file to write")
@@ -112,6 +116,10 @@ def run(args: argparse.Namespace) -> None:
         from skipvision.recipe import load_recipe, to_yaml
 
         print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    elif args.command == "export":
+        from skipvision.inference.export import export
+
+        print(f"wrote {export(args.checkpoint, args.out, args.max_shard_size)}")
     elif args.command == "consolidate":
         from skipvision.inference.checkpoint import consolidate
 

@@ -56,9 +56,11 @@ class HFVisionTower(VisionEncoder):
         feature_layer: int | None,
         attn_implementation: str,
         pad_to_square: bool = False,
+        keep_cls: bool | None = None,
+        processor: str | None = None,
     ) -> None:
         super().__init__()
-        self.folder = Path(path) if path is not None else None
+        self.processor = Path(processor) if processor is not None else Path(path) if path is not None else None
         self.pad_to_square = pad_to_square
         if (config is None) == (path is None):
             raise RegistryError(f"{model_cls.__name__}: give exactly one of 'config' (a dict) or 'path' (a folder)")
@@ -73,7 +75,8 @@ class HFVisionTower(VisionEncoder):
             if feature_layer is None and not isinstance(full.vision_feature_layer, int):
                 raise UnsupportedModelError(f"{path}: features from several layers are not supported")
             feature_layer = full.vision_feature_layer if feature_layer is None else feature_layer
-            prefix_tokens = 0 if full.vision_feature_select_strategy == "full" else prefix_tokens
+            if keep_cls is None:
+                keep_cls = full.vision_feature_select_strategy == "full"
             full.vision_config._attn_implementation = attn_implementation
             self.tower = model_cls(full.vision_config)
             weights = None if building_skeleton() else read_part(path, "vision")
@@ -97,6 +100,7 @@ class HFVisionTower(VisionEncoder):
         else:
             self.tower = model_cls(config_cls(**config, attn_implementation=attn_implementation))
         feature_layer = -2 if feature_layer is None else feature_layer
+        prefix_tokens = 0 if keep_cls else prefix_tokens
         cfg = self.tower.config
         body = getattr(self.tower, "vision_model", self.tower)  # transformers 5 flattened CLIP/SigLIP towers
         layers = body.encoder.layers
@@ -118,9 +122,9 @@ class HFVisionTower(VisionEncoder):
         self.mean, self.std = mean, std
 
     def image_processor_folder(self) -> Path | None:
-        """The checkpoint folder when it has a ``preprocessor_config.json``."""
-        if self.folder is not None and (self.folder / "preprocessor_config.json").is_file():
-            return self.folder
+        """``processor`` (default: the checkpoint folder) when it has a ``preprocessor_config.json``."""
+        if self.processor is not None and (self.processor / "preprocessor_config.json").is_file():
+            return self.processor
         return None
 
     def blocks(self) -> list[nn.Module]:
@@ -171,6 +175,8 @@ def _register_tower(
         feature_layer: int | None = None,
         attn_implementation: str = "sdpa",
         pad_to_square: bool = False,
+        keep_cls: bool | None = None,
+        processor: str | None = None,
     ) -> HFVisionTower:
         return HFVisionTower(
             model_cls,
@@ -183,6 +189,8 @@ def _register_tower(
             feature_layer,
             attn_implementation,
             pad_to_square,
+            keep_cls,
+            processor,
         )
 
     build.__doc__ = doc

@@ -120,11 +120,17 @@ def load_model(
     dtype: torch.dtype | None = None,
     skip: Mapping[str, Any] | None = None,
 ) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase, DictConfig | None]:
-    """The trained model (eval mode), its tokenizer and its recipe; for an HF LLaVA folder, the model ``skip``
-    describes (default: full) and no recipe. ``skip`` is only for LLaVA folders: a run has its own."""
+    """The trained model (eval mode), its tokenizer and its recipe, from a run or an export folder
+    (skipvision/inference/export.py); for an HF LLaVA folder, the model ``skip`` describes (default: full) and no
+    recipe. ``skip`` is only for LLaVA folders: a run has its own."""
     if llava_config(path) is not None:
         model, tokenizer = load_llava_folder(path, skip)
         return model.to(device=device, dtype=dtype), tokenizer, None
+    from skipvision.inference.export import is_export, load_export  # export builds on this module
+
+    if is_export(path) and skip is None:
+        model, tokenizer, recipe = load_export(path)
+        return model.to(device=device, dtype=dtype), tokenizer, recipe
     if skip is not None:
         raise CheckpointError(
             f"{path} is a training run: its skip settings are its recipe's; --policy is for HF LLaVA folders"
