@@ -1,6 +1,7 @@
-"""The paper's workflow end to end on tiny checkpoints (docs/checkpoints.md "Export"): import an HF LLaVA folder,
-fine-tune with Skip-Vision for 3 steps, export a self-contained folder, move it, and generate from it with KV
-removal; the export's language model loads with plain transformers."""
+"""The paper's workflow end to end on tiny checkpoints (docs/checkpoints.md "Export"): the shipped recipe
+``llava15-import`` imports an HF LLaVA folder and fine-tunes it with Skip-Vision for 3 steps; the run is exported as a
+self-contained folder, moved, and generates with KV removal; the export's language model loads with plain
+transformers."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from skipvision.data.tokenizer import load_tokenizer
 from skipvision.inference import GenerationConfig, Request, VLMGenerator
 from skipvision.weights.strict import WeightsMismatchError
 
-from .conftest import TINY_RECIPE
 from .test_llava_import import clip_processor, photo, tiny_llava
 
 
@@ -32,19 +32,35 @@ def llava_folder(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def test_import_fit_export_move_and_generate(llava_folder: Path, tiny_shapes: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
+    # The shipped recipe of this workflow, pointed at the tiny folder and shrunk to run here in seconds.
+    folder = str(llava_folder)
     overrides = [
         f"data.root={tiny_shapes}",
-        f"data.tokenizer={llava_folder}",
+        f"data.train_shards={tiny_shapes}/train/*.tar",
+        f"data.val_shards={tiny_shapes}/val/*.tar",
+        f"data.tokenizer={folder}",
+        "data.batch_size=4",
+        "data.val_batch_size=8",
+        "data.num_workers=0",
+        "data.max_length=256",
         f"output_dir={run}",
-        f"model.encoder={{name: hf_clip, path: {llava_folder}}}",
-        f"model.projector={{name: mlp2x_gelu, weights: {llava_folder}}}",
-        "model.backbone.config=null",
-        f"model.backbone.path={llava_folder}",
-        "model.skip.policy={name: attention_score, num_retained: 4}",
+        f"model.encoder.path={folder}",
+        f"model.projector.weights={folder}",
+        f"model.backbone.path={folder}",
+        "model.skip.policy.num_retained=4",  # 16 patches: 4 retained, 12 merged to 4
         "model.skip.num_skipped=4",
+        "optim.warmup_steps=1",
         "trainer.max_steps=3",
+        "trainer.devices=1",
+        "trainer.strategy=auto",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.limit_val_batches=1",
+        "trainer.logger=csv",
+        "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_steps=null",
     ]
-    assert main(["fit", "--recipe", str(TINY_RECIPE), *overrides]) == 0
+    assert main(["fit", "--recipe", "llava15-import", *overrides]) == 0
     exported = tmp_path / "export"
     assert main(["export", "--checkpoint", str(run), "--out", str(exported), "--max-shard-size", "40KB"]) == 0
     assert len(list(exported.glob("model-*.safetensors"))) > 1 and (exported / "model.safetensors.index.json").is_file()
