@@ -48,6 +48,12 @@ def make_parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, help="a run folder, a .ckpt file or an FSDP .ckpt folder")
     exp.add_argument("--out", required=True, help="a new or empty folder")
     exp.add_argument("--max-shard-size", default="5GB", help="safetensors shards above this size (e.g. 5GB, 500MB)")
+    exp.add_argument(
+        "--format",
+        default="skipvision",
+        choices=("skipvision", "llava-hf"),
+        help="llava-hf: transformers' LlavaForConditionalGeneration layout (models without skipping)",
+    )
     merge = sub.add_parser("consolidate", help="a checkpoint's model weights (FSDP shards too) as one safetensors")
     merge.add_argument("--checkpoint", required=True, help="a run folder, a .ckpt file or an FSDP .ckpt folder")
     merge.add_argument("--out", required=True, help="the .safetensors file to write")
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "export":
         from skipvision.inference.export import export
 
-        print(f"wrote {export(args.checkpoint, args.out, args.max_shard_size)}")
+        print(f"wrote {export(args.checkpoint, args.out, args.max_shard_size, args.format)}")
     elif args.command == "consolidate":
         from skipvision.inference.checkpoint import consolidate
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
 from skipvision.cli import main
 from skipvision.data.tokenizer import load_tokenizer
@@ -30,11 +30,10 @@ def llava_folder(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return folder
 
 
-def test_import_fit_export_move_and_generate(llava_folder: Path, tiny_shapes: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    # The shipped recipe of this workflow, pointed at the tiny folder and shrunk to run here in seconds.
+def workflow_overrides(llava_folder: Path, tiny_shapes: Path, run: Path, *extra: str) -> list[str]:
+    """The shipped recipe of this workflow, pointed at the tiny folder and shrunk to run here in seconds."""
     folder = str(llava_folder)
-    overrides = [
+    return [
         f"data.root={tiny_shapes}",
         f"data.train_shards={tiny_shapes}/train/*.tar",
         f"data.val_shards={tiny_shapes}/val/*.tar",
@@ -59,7 +58,13 @@ def test_import_fit_export_move_and_generate(llava_folder: Path, tiny_shapes: Pa
         "trainer.logger=csv",
         "trainer.enable_progress_bar=false",
         "checkpoint.every_n_steps=null",
+        *extra,
     ]
+
+
+def test_import_fit_export_move_and_generate(llava_folder: Path, tiny_shapes: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    overrides = workflow_overrides(llava_folder, tiny_shapes, run)
     assert main(["fit", "--recipe", "llava15-import", *overrides]) == 0
     exported = tmp_path / "export"
     assert main(["export", "--checkpoint", str(run), "--out", str(exported), "--max-shard-size", "40KB"]) == 0
@@ -94,3 +99,37 @@ def test_import_fit_export_move_and_generate(llava_folder: Path, tiny_shapes: Pa
     with pytest.raises(WeightsMismatchError, match=r"\(export\) does not fit VisionLanguageModel: \d+ missing"):
         VLMGenerator.from_checkpoint(moved)
     assert main(["export", "--checkpoint", str(moved_run), "--out", str(moved)]) == 2  # not an empty folder
+
+
+def test_a_model_without_skipping_exports_in_the_llava_layout(
+    llava_folder: Path, tiny_shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--format llava-hf``: transformers' LlavaForConditionalGeneration loads the fine-tuned model and gives its
+    logits and greedy tokens; a Skip-Vision model is refused in one line."""
+    run = tmp_path / "run"
+    full = workflow_overrides(llava_folder, tiny_shapes, run, "model.skip.policy=none", "model.skip.num_skipped=null")
+    full.remove("model.skip.policy.num_retained=4")
+    assert main(["fit", "--recipe", "llava15-import", *full]) == 0
+    out = tmp_path / "llava-hf"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--format", "llava-hf"]) == 0
+    theirs = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    ours = VLMGenerator.from_checkpoint(run)
+    image = tmp_path / "photo.png"
+    photo(40, 32, 6).save(image)
+    request = Request("What colour is the circle?", image)
+    (encoded,) = ours.encode([request])
+    ids, pixels = torch.tensor([encoded.ids]), encoded.pixels[None]
+    with torch.no_grad():
+        want = theirs(input_ids=ids, pixel_values=pixels).logits
+        got = ours.model(ids, torch.ones_like(ids), pixels, torch.tensor([1])).logits
+        hf = theirs.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (answer,) = ours.generate([request], GenerationConfig(max_new_tokens=5))
+    generated = hf[0, ids.shape[1] :].tolist()
+    assert answer.token_ids == generated[: len(answer.token_ids)]
+
+    skipping = tmp_path / "skip-run"
+    assert main(["fit", "--recipe", "llava15-import", *workflow_overrides(llava_folder, tiny_shapes, skipping)]) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(skipping), "--out", str(tmp_path / "no"), "--format", "llava-hf"]) == 2
+    assert "--format llava-hf holds no skipping" in capsys.readouterr().err

@@ -11,7 +11,8 @@
     README.md              a model card: the parts, the skip settings, how to load it
 
 Nothing in it points outside the folder, so it can move anywhere; :func:`load_export` rebuilds the model from the
-configurations and loads every tensor strictly. Only what the paper's workflow uses is portable here: encoders
+configurations and loads every tensor strictly. A model without skipping can instead be written in transformers' LLaVA
+layout (:func:`export_llava_hf`). Only what the paper's workflow uses is portable here: encoders
 ``hf_clip``/``hf_siglip``/``timm``, projectors ``mlp2x_gelu``/``linear``, backbone ``hf_causal_lm``.
 """
 
@@ -25,10 +26,11 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from transformers import AutoImageProcessor, PreTrainedTokenizerBase
+from transformers import AutoImageProcessor, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from skipvision.data.chat import IMAGE_PLACEHOLDER
 from skipvision.data.tokenizer import load_tokenizer
+from skipvision.encoders.hf_vision import HFVisionTower
 from skipvision.errors import OutputExistsError, UnsupportedModelError
 from skipvision.inference.checkpoint import load_model
 from skipvision.model import VisionLanguageModel
@@ -38,6 +40,7 @@ from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS, resolve_spec
 from skipvision.weights.strict import load_strict
 
 FORMAT = "skipvision-export"
+FORMATS = ("skipvision", "llava-hf")
 LLM_FOLDER = "llm"
 HERE = "."  # a path in config.json that means the export folder itself
 
@@ -112,13 +115,18 @@ or `python -m skipvision generate --checkpoint path/to/this/folder --prompt "...
 """
 
 
-def export(path: str | Path, out: str | Path, max_shard_size: str = "5GB") -> Path:
-    """Write the model of a run (folder, ``.ckpt`` or FSDP shard folder) as a self-contained folder ``out``."""
+def export(path: str | Path, out: str | Path, max_shard_size: str = "5GB", fmt: str = "skipvision") -> Path:
+    """Write the model of a run (folder, ``.ckpt`` or FSDP shard folder) as a self-contained folder ``out``, in
+    skipvision's layout or, for a model without skipping, in transformers' LLaVA layout (``fmt="llava-hf"``)."""
     out = Path(out)
+    if fmt not in FORMATS:
+        raise UnsupportedModelError(f"export format {fmt!r} is unknown; formats: {', '.join(FORMATS)}")
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"{out} is not empty; export writes into a new or empty folder")
     model, tokenizer, recipe = load_model(path)
     assert recipe is not None, "load_model returns a recipe for training runs"
+    if fmt == "llava-hf":
+        return export_llava_hf(model, tokenizer, out, max_shard_size)
     config = {"format": FORMAT, "version": 1, "model": portable_specs(recipe, model), "image_token": IMAGE_PLACEHOLDER}
     config["system_prompt"] = recipe.data.system_prompt
     out.mkdir(parents=True, exist_ok=True)
@@ -132,6 +140,55 @@ def export(path: str | Path, out: str | Path, max_shard_size: str = "5GB") -> Pa
     save_recipe(recipe, out / "recipe.yaml")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "README.md").write_text(model_card(config, recipe))
+    return out
+
+
+def export_llava_hf(
+    model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, out: Path, max_shard_size: str
+) -> Path:
+    """A model without skipping, with a CLIP or SigLIP tower and the ``mlp2x_gelu`` projector, as a folder that
+    transformers' ``LlavaForConditionalGeneration`` loads: the tower cut at its feature layer (LLaVA's feature layer
+    becomes its last, -1), the projector's layers as ``linear_1``/``linear_2``."""
+    tower = model.encoder
+    if model.visual.skips or model.visual.merge_to is not None or model.tiles is not None:
+        raise UnsupportedModelError(
+            "--format llava-hf holds no skipping, merging or HD tiles: export such a model in the skipvision format"
+        )
+    if not isinstance(tower, HFVisionTower) or not isinstance(model.projector, MLPProjector):
+        raise UnsupportedModelError(
+            "--format llava-hf needs an hf_clip or hf_siglip encoder and the mlp2x_gelu projector"
+        )
+    vision = tower.tower.config.to_dict()
+    vision["num_hidden_layers"] = len(tower.blocks())
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=model.backbone.config.to_dict(),
+        image_token_id=model.image_token_id,
+        image_seq_length=model.num_image_tokens,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full" if tower.prefix_tokens == 0 else "default",
+        projector_hidden_act=model.projector.activation,
+        multimodal_projector_bias=model.projector.bias,
+    )
+    llava = LlavaForConditionalGeneration(config)
+    renames = (
+        ("encoder.tower.", "model.vision_tower."),
+        ("projector.0.", "model.multi_modal_projector.linear_1."),
+        ("projector.2.", "model.multi_modal_projector.linear_2."),
+        ("backbone.model.", "model.language_model."),
+        ("backbone.lm_head.", "lm_head."),
+    )
+    state = {}
+    for key, tensor in model.state_dict().items():
+        for ours, theirs in renames:
+            if key.startswith(ours):
+                state[theirs + key[len(ours) :]] = tensor
+    load_strict(llava, state, "the model (llava-hf export)")
+    llava.save_pretrained(out, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out)
+    processor = tower.image_processor_folder()
+    if processor is not None:
+        AutoImageProcessor.from_pretrained(processor).save_pretrained(out)
     return out
 
 
