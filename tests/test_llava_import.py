@@ -136,7 +136,7 @@ def test_loading_is_strict_and_names_the_keys(llava_folder: Path, tokenizer, tmp
     tensors["language_model.model.extra.weight"] = torch.zeros(2)
     save_file(tensors, broken / "model.safetensors")
     with pytest.raises(
-        WeightsMismatchError, match=r"broken \(projector\) does not fit Sequential: 1 missing \(2.bias\)"
+        WeightsMismatchError, match=r"broken \(projector\) does not fit MLPProjector: 1 missing \(2.bias\)"
     ):
         PROJECTORS.build({"name": "mlp2x_gelu", "weights": str(broken)}, in_dim=32, out_dim=64)
     with pytest.raises(WeightsMismatchError, match=r"broken \(language model\) does not fit .*1 unused \(model.extra"):

@@ -65,12 +65,26 @@ def apply_template(tokenizer: PreTrainedTokenizerBase, choice: str = AUTO) -> Pr
                 f"data.chat_template=tokenizer, but the tokenizer has no chat template; valid fallbacks: "
                 f"{', '.join(FALLBACKS)}"
             )
-        return tokenizer
-    if choice not in FALLBACKS:
+    elif choice in FALLBACKS:
+        tokenizer.chat_template = FALLBACKS[choice]
+    else:
         valid = ", ".join([AUTO, "tokenizer", *FALLBACKS])
         raise ChatTemplateError(f"Recipe key 'data.chat_template' is {choice!r}; valid values: {valid}")
-    tokenizer.chat_template = FALLBACKS[choice]
+    check_template(tokenizer)
     return tokenizer
+
+
+def check_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Fail at startup, not on every sample, when the template cannot supervise answers: it must render an
+    assistant turn's content verbatim after the generation prompt of the turns before it."""
+    probe = [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."}]
+    prefix = render(tokenizer, probe[:1], generation_prompt=True)
+    full = render(tokenizer, probe)
+    if not full.startswith(prefix) or "Answer." not in full[len(prefix) :]:
+        raise ChatTemplateError(
+            "the chat template does not render the assistant's turns after its generation prompt, so answers "
+            "cannot be supervised; choose data.chat_template=skipvision_v1 or llava_v1"
+        )
 
 
 def template_of(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -84,6 +84,12 @@ class HFVisionTower(VisionEncoder):
         elif path is not None:
             if not (Path(path) / "config.json").is_file():
                 raise FileNotFoundError(f"No config.json in vision tower folder {path}")
+            kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+            towers = (config_cls.model_type, config_cls.model_type.removesuffix("_vision_model"))
+            if kind not in towers:
+                raise UnsupportedModelError(
+                    f"{path} holds a {kind!r} model, not a {config_cls.model_type} (or {towers[1]}, or llava) one"
+                )
             if building_skeleton():  # the architecture only (skipvision/skeleton.py)
                 saved = config_cls.from_pretrained(path, attn_implementation=attn_implementation)
                 self.tower = model_cls(saved)
