@@ -11,6 +11,10 @@ import torch
 import yaml
 
 from skipvision.cli import main
+from skipvision.data.chat import encode_conversation
+from skipvision.data.templates import FALLBACKS
+from skipvision.data.tokenizer import load_tokenizer
+from skipvision.inference import Request, VLMGenerator
 from skipvision.lit.module import VLMLitModule, warmup_cosine
 from skipvision.lit.run import build, build_trainer, validate
 from skipvision.recipe import load_recipe
@@ -195,3 +199,21 @@ def test_undeclared_question_types_count_in_all_only(
         assert colour_only[key] == pytest.approx(declared[key]), key
     warned = [r.getMessage() for r in caplog.records if "is not declared" in r.getMessage()]
     assert warned and all("it counts in val/acc_all only" in w for w in warned)
+
+
+def test_the_run_keeps_its_chat_template_and_system_prompt_for_generate(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """docs/checkpoints.md "Chat templates": the template is saved with the run's tokenizer and the system prompt with
+    its recipe, and generate renders prompts with both, exactly as training rendered the samples."""
+    assert _fit([*tiny_overrides, "data.system_prompt=Answer in one word."]) == 0
+    run = tmp_path / "run"
+    saved = load_tokenizer(run / "tokenizer")
+    assert saved.chat_template == FALLBACKS["skipvision_v1"]
+    generator = VLMGenerator.from_checkpoint(run)
+    (encoded,) = generator.encode([Request("What colour is the circle?")])
+    image_id = saved.convert_tokens_to_ids("<image>")
+    turns = [{"from": "human", "value": "What colour is the circle?"}, {"from": "gpt", "value": "red"}]
+    sample = encode_conversation(saved, turns, generator.model.num_image_tokens, 0, image_id, "Answer in one word.")
+    assert encoded.ids == sample.input_ids[: sample.prompt_length]
+    assert saved.decode(encoded.ids).startswith("<s>Answer in one word.\nUSER: What colour")
