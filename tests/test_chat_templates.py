@@ -142,3 +142,31 @@ def test_system_prompt_and_template_choices() -> None:
         apply_template(vicuna(), "vicuna")
     with pytest.raises(ChatTemplateError, match="the tokenizer has no chat template"):
         apply_template(vicuna(), "tokenizer")
+
+
+def test_fallback_layouts_render_exactly() -> None:
+    tok = prepare_tokenizer(vicuna(), "skipvision_v1")
+    turns = [
+        {"role": "user", "content": "<image>\nQ1?"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2?"},
+        {"role": "assistant", "content": "A2"},
+    ]
+    assert render(tok, turns) == "<s>USER: <image>\nQ1?\nASSISTANT: A1</s>\nUSER: Q2?\nASSISTANT: A2</s>"
+    with_system = [{"role": "system", "content": "Be brief."}, *turns[:1]]
+    assert render(tok, with_system, generation_prompt=True) == "<s>Be brief.\nUSER: <image>\nQ1?\nASSISTANT:"
+    apply_template(tok, "llava_v1")
+    assert render(tok, turns).endswith(" USER: <image>\nQ1? ASSISTANT: A1</s>USER: Q2? ASSISTANT: A2</s>")
+
+
+def test_an_end_of_turn_other_than_eos_is_found(tmp_path: Path) -> None:
+    """Qwen2 base-style: EOS ``<|endoftext|>``, turns closed by ``<|im_end|>``: generation stops on both, labels end
+    with ``<|im_end|>``."""
+    tok = chatml(tmp_path)
+    tok.eos_token = "<|endoftext|>"
+    tok = prepare_tokenizer(tok)
+    ids = end_of_turn_ids(tok)
+    assert ids == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")})
+    assert len(ids) == 2
+    enc = encode_conversation(tok, conversation(), N, 1, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    assert tok.decode(supervised_runs(enc.input_ids, enc.labels)[0]) == TEXTS[1] + "<|im_end|>"

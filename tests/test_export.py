@@ -64,7 +64,9 @@ def workflow_overrides(llava_folder: Path, tiny_shapes: Path, run: Path, *extra:
 
 def test_import_fit_export_move_and_generate(llava_folder: Path, tiny_shapes: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    overrides = workflow_overrides(llava_folder, tiny_shapes, run)
+    base = tmp_path / "base"  # a copy of the pretrained folder, deleted before the export is loaded
+    shutil.copytree(llava_folder, base)
+    overrides = workflow_overrides(base, tiny_shapes, run)
     assert main(["fit", "--recipe", "llava15-import", *overrides]) == 0
     exported = tmp_path / "export"
     assert main(["export", "--checkpoint", str(run), "--out", str(exported), "--max-shard-size", "40KB"]) == 0
@@ -81,7 +83,8 @@ def test_import_fit_export_move_and_generate(llava_folder: Path, tiny_shapes: Pa
     photo(40, 32, 5).save(image)
     request = Request("What colour is the circle?", image)
     config = GenerationConfig(max_new_tokens=5)
-    from_run = VLMGenerator.from_checkpoint(moved_run)
+    from_run = VLMGenerator.from_checkpoint(moved_run)  # a run still builds from its base folder, then its weights
+    shutil.rmtree(base)
     from_export = VLMGenerator.from_checkpoint(moved)
     (a,) = from_run.generate([request], config)
     (b,) = from_export.generate([request], config)

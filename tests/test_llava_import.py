@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipVisionConfig,
+)
 
 from skipvision.cli import main
 from skipvision.data.chat import encode_prompt
@@ -32,8 +39,8 @@ def tokenizer(tiny_shapes: Path):
     return load_tokenizer(tiny_shapes / "tokenizer")
 
 
-def tiny_llava(tokenizer, **overrides: object) -> LlavaForConditionalGeneration:
-    vision = CLIPVisionConfig(
+def tiny_llava(tokenizer, vision_config: type = CLIPVisionConfig, **overrides: object) -> LlavaForConditionalGeneration:
+    vision = vision_config(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
     )
     text = LlamaConfig(
@@ -235,3 +242,53 @@ def test_generate_from_a_llava_folder_equals_transformers_generate(
     assert "KV" in capsys.readouterr().out
     assert main([*args, "--policy", "{name: fastv, layer: 1"]) == 2
     assert "--policy is not valid YAML" in capsys.readouterr().err
+
+
+def test_transformers_4_key_layout_and_a_siglip_tower(llava_folder: Path, tokenizer, tmp_path: Path) -> None:
+    """The published llava-hf folders (saved by transformers 4) nest the tower under ``vision_model.``; a SigLIP
+    tower with ``vision_feature_select_strategy: default`` drops its first (patch) token, as transformers does."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (old / name).write_text((llava_folder / name).read_text())
+    tensors = load_file(llava_folder / "model.safetensors")
+    nested = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in tensors.items()}
+    save_file(nested, old / "model.safetensors")
+    ids, mask = prompts(tokenizer, imported(llava_folder, tokenizer))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = imported(llava_folder, tokenizer)(ids, mask, pixels, torch.tensor([1, 1])).logits
+        got = imported(old, tokenizer)(ids, mask, pixels, torch.tensor([1, 1])).logits
+    assert torch.equal(got, want)
+
+    siglip = tmp_path / "siglip"
+    tiny_llava(tokenizer, SiglipVisionConfig, image_seq_length=PATCHES - 1).save_pretrained(siglip)
+    encoder = {"name": "hf_siglip", "path": str(siglip)}
+    projector = {"name": "mlp2x_gelu", "weights": str(siglip)}
+    ours = VisionLanguageModel.from_specs(encoder, projector, {"name": "hf_causal_lm", "path": str(siglip)}, tokenizer)
+    assert ours.num_image_tokens == PATCHES - 1 and not ours.encoder.has_cls
+    theirs = LlavaForConditionalGeneration.from_pretrained(siglip).eval()
+    ids, mask = prompts(tokenizer, ours)
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        got = ours.eval()(ids, mask, pixels, torch.tensor([1, 1])).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_policies_that_need_training_are_refused_on_an_untrained_folder(llava_folder: Path, capsys) -> None:
+    args = ["generate", "--checkpoint", str(llava_folder), "--prompt", "hi"]
+    assert main([*args, "--policy", "{name: attention_score, num_retained: 4}"]) == 2
+    assert "needs training" in capsys.readouterr().err
+
+
+def test_tied_embeddings_load_from_the_one_saved_table(tokenizer, tmp_path: Path) -> None:
+    """A LLaVA on an LLM with tied embeddings (small Qwen2/Llama) saves the table once; the LM head shares it."""
+    config = tiny_llava(tokenizer).config
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
+    tied = LlavaForConditionalGeneration(config)
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    tied.save_pretrained(tmp_path)
+    llm = BACKBONES.build({"name": "hf_causal_lm", "path": str(tmp_path)})
+    assert llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
+    assert torch.equal(llm.get_input_embeddings().weight, tied.get_input_embeddings().weight)
+    assert llm.get_input_embeddings().weight.dtype == torch.float32

@@ -57,10 +57,12 @@ def hf_causal_lm(
         saved = AutoConfig.from_pretrained(path)
         adapter_for(saved)  # an unsupported family fails before any weight is read
         if building_skeleton():  # the architecture only; FSDP fills in the weights (skipvision/skeleton.py)
-            model = AutoModelForCausalLM.from_config(saved, attn_implementation=attn_implementation)
-        else:
+            model = AutoModelForCausalLM.from_config(
+                saved, attn_implementation=attn_implementation, dtype=torch.float32
+            )
+        else:  # fp32 parameters (the recipe's precision decides the compute dtype), whatever dtype the folder has
             model, info = AutoModelForCausalLM.from_pretrained(
-                path, attn_implementation=attn_implementation, output_loading_info=True
+                path, attn_implementation=attn_implementation, output_loading_info=True, dtype=torch.float32
             )
             if info["missing_keys"]:  # transformers would leave them randomly initialised
                 missing = sorted(info["missing_keys"])
@@ -95,10 +97,16 @@ def grow_vocabulary(model: PreTrainedModel, vocab_size: int) -> None:
 def _llava_language_model(path: str, attn_implementation: str | None) -> PreTrainedModel:
     """The language model of an HF LLaVA folder (its ``text_config``), loaded strictly from the folder's
     ``language_model`` tensors (docs/checkpoints.md "LLaVA folders")."""
-    config = AutoConfig.from_pretrained(path).text_config
+    llava = AutoConfig.from_pretrained(path)
+    config = llava.text_config
+    config.tie_word_embeddings = llava.tie_word_embeddings  # transformers ties a LLaVA's LM by the outer flag
     adapter_for(config)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     if not building_skeleton():
-        load_strict(model, read_part(path, "language"), f"{path} (language model)")
+        tensors = read_part(path, "language")
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is not None and head.weight is embed.weight and "lm_head.weight" not in tensors:
+            tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")  # tied: saved once
+        load_strict(model, tensors, f"{path} (language model)")
         model.tie_weights()
     return model

@@ -93,15 +93,18 @@ def encode_conversation(
         if message["role"] != "assistant":
             continue
         prefix = render(tokenizer, messages[:i], generation_prompt=True)
+        turn_end = len(render(tokenizer, messages[: i + 1]))  # the search never runs into the next turn
         if not full.startswith(prefix):
             raise ChatTemplateError("the chat template renders a conversation's start differently from its whole")
         text = message["content"].strip()  # templates may trim it
-        content = full.find(text, len(prefix))
+        content = full.find(text, len(prefix), turn_end)
         if content < 0:
             raise ChatTemplateError(f"the chat template does not render assistant turn {i} verbatim")
         after = content + len(text)
-        closing = end_of_turn(tokenizer, full[after:])
-        spans.append((len(prefix), after + (closing or 0)))
+        closing = end_of_turn(tokenizer, full[after:turn_end])
+        if closing is None:
+            raise ChatTemplateError(f"the chat template closes assistant turn {i} with no special token")
+        spans.append((len(prefix), after + closing))
         prompt_chars = len(prefix)
     if not spans:
         raise ChatTemplateError("the chat template rendered no assistant turn")

@@ -17,6 +17,7 @@ the same way):
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from skipvision.errors import SkipvisionError
@@ -29,10 +30,10 @@ FALLBACKS = {
     "skipvision_v1": (
         "{{ bos_token }}"
         "{% for m in messages %}"
-        "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+        "{% if m['role'] == 'system' %}{{ m['content'] }}{{ '\n' }}"
         "{% elif m['role'] == 'user' %}"
-        "{% if not loop.first and messages[loop.index0 - 1]['role'] != 'system' %}\n{% endif %}"
-        "USER: {{ m['content'] }}\nASSISTANT:"
+        "{% if not loop.first and messages[loop.index0 - 1]['role'] != 'system' %}{{ '\n' }}{% endif %}"
+        "USER: {{ m['content'] }}{{ '\n' }}ASSISTANT:"
         "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}"
         "{% endfor %}"
     ),
@@ -54,9 +55,12 @@ class ChatTemplateError(SkipvisionError, ValueError):
     """An unknown template name, or a template that does not render the assistant's turns as needed."""
 
 
-def apply_template(tokenizer: PreTrainedTokenizerBase, choice: str = AUTO) -> PreTrainedTokenizerBase:
+def apply_template(
+    tokenizer: PreTrainedTokenizerBase, choice: str = AUTO, system: str | None = None
+) -> PreTrainedTokenizerBase:
     """Give ``tokenizer`` the template ``choice`` names (``auto``, a name of :data:`FALLBACKS`, or ``tokenizer``:
-    its own, which must exist) and return it; the run saves it with the tokenizer."""
+    its own, which must exist), check it with the run's ``system`` prompt, and return it; the run saves it with the
+    tokenizer."""
     if choice == AUTO:
         choice = "tokenizer" if tokenizer.chat_template else DEFAULT_FALLBACK
     if choice == "tokenizer":
@@ -70,21 +74,29 @@ def apply_template(tokenizer: PreTrainedTokenizerBase, choice: str = AUTO) -> Pr
     else:
         valid = ", ".join([AUTO, "tokenizer", *FALLBACKS])
         raise ChatTemplateError(f"Recipe key 'data.chat_template' is {choice!r}; valid values: {valid}")
-    check_template(tokenizer)
+    check_template(tokenizer, system)
     return tokenizer
 
 
-def check_template(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Fail at startup, not on every sample, when the template cannot supervise answers: it must render an
-    assistant turn's content verbatim after the generation prompt of the turns before it."""
-    probe = [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."}]
-    prefix = render(tokenizer, probe[:1], generation_prompt=True)
-    full = render(tokenizer, probe)
-    if not full.startswith(prefix) or "Answer." not in full[len(prefix) :]:
-        raise ChatTemplateError(
-            "the chat template does not render the assistant's turns after its generation prompt, so answers "
-            "cannot be supervised; choose data.chat_template=skipvision_v1 or llava_v1"
-        )
+def check_template(tokenizer: PreTrainedTokenizerBase, system: str | None = None) -> None:
+    """Fail at startup, not on every sample, when the template cannot supervise answers: with the run's system
+    prompt, it must render two turns, each assistant turn's content verbatim after the generation prompt of the turns
+    before it and closed by a special token."""
+    probe = [] if system is None else [{"role": "system", "content": system}]
+    probe += [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."}] * 2
+    try:
+        full = render(tokenizer, probe)
+        for i in (len(probe) - 3, len(probe) - 1):
+            prefix, turn = render(tokenizer, probe[:i], generation_prompt=True), render(tokenizer, probe[: i + 1])
+            answer = full.find("Answer.", len(prefix), len(turn))
+            if not full.startswith(prefix) or answer < 0 or end_of_turn(tokenizer, turn[answer + 7 :]) is None:
+                raise ChatTemplateError(
+                    "the chat template does not render the assistant's turns after its generation prompt, closed by "
+                    "a special token, so answers cannot be supervised; choose data.chat_template=skipvision_v1 or "
+                    "llava_v1"
+                )
+    except TemplateError as err:  # the template's own refusal, e.g. Gemma's "System role not supported"
+        raise ChatTemplateError(f"the chat template cannot render a conversation: {err}") from None
 
 
 def template_of(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -75,7 +75,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str = AUTO) -> PreTrainedTokenizerBase:
+def prepare_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, chat_template: str = AUTO, system: str | None = None
+) -> PreTrainedTokenizerBase:
     """Make any HF tokenizer usable for training and generation (docs/checkpoints.md "Chat templates"): add
     ``<image>`` as a special token when missing (the backbone grows its embedding table to match), take EOS (else
     UNK) as the pad token when there is none (padding is always masked), and set the chat template
@@ -87,4 +89,4 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str = A
         if fallback is None:
             raise TokenizerError("the tokenizer has no pad, EOS or UNK token to pad with")
         tokenizer.pad_token = fallback
-    return apply_template(tokenizer, chat_template)
+    return apply_template(tokenizer, chat_template, system)

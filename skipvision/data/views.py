@@ -92,12 +92,14 @@ def image_views(
     encoder: VisionEncoder, tiles: tuple[int, int] | None
 ) -> v2.Compose | ThumbnailTiles | CheckpointImages:
     """The per-image transform of ``encoder``: one view ([3, H, W]) or, with a ``tiles`` grid, thumbnail + tiles
-    ([V, 3, H, W])."""
+    ([V, 3, H, W], resized and normalised with the encoder's statistics, which come from its processor's config)."""
     folder = encoder.image_processor_folder()
+    if encoder.pad_to_square and (folder is None or tiles is not None):
+        raise UnsupportedModelError(
+            "pad_to_square needs the checkpoint's image processor (a folder with preprocessor_config.json) and no tiles"
+        )
+    if tiles is not None:
+        return ThumbnailTiles(encoder.image_size, encoder.mean, encoder.std, tuple(tiles))
     if folder is not None:
-        if tiles is not None:
-            raise UnsupportedModelError("LLaVA-HD tiles with a checkpoint's own image processor are not supported")
         return CheckpointImages(folder, encoder.pad_to_square)
-    if tiles is None:
-        return image_transform(encoder.image_size, encoder.mean, encoder.std)
-    return ThumbnailTiles(encoder.image_size, encoder.mean, encoder.std, tuple(tiles))
+    return image_transform(encoder.image_size, encoder.mean, encoder.std)

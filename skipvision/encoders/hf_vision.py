@@ -41,7 +41,10 @@ SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 class HFVisionTower(VisionEncoder):
     """A transformers vision model; ``prefix_tokens`` leading tokens (CLIP's CLS) are dropped from the output.
 
-    ``has_cls`` when there is exactly one prefix token (CLIP) and at least one layer is kept; SigLIP has none.
+    ``drop_tokens`` overrides that count (an HF LLaVA folder sets it from its ``vision_feature_select_strategy``:
+    ``full`` keeps every token, ``default`` drops the first, even SigLIP's patch token, as transformers does).
+    ``has_cls`` when a CLIP tower's CLS is dropped and at least one layer is kept. ``processor``: a folder whose image
+    processor feeds the tower (default: ``path``); ``pad_to_square`` pads images first (LLaVA-1.5).
     """
 
     def __init__(
@@ -56,7 +59,7 @@ class HFVisionTower(VisionEncoder):
         feature_layer: int | None,
         attn_implementation: str,
         pad_to_square: bool = False,
-        keep_cls: bool | None = None,
+        drop_tokens: int | None = None,
         processor: str | None = None,
     ) -> None:
         super().__init__()
@@ -75,9 +78,10 @@ class HFVisionTower(VisionEncoder):
             if feature_layer is None and not isinstance(full.vision_feature_layer, int):
                 raise UnsupportedModelError(f"{path}: features from several layers are not supported")
             feature_layer = full.vision_feature_layer if feature_layer is None else feature_layer
-            if keep_cls is None:
-                keep_cls = full.vision_feature_select_strategy == "full"
+            if drop_tokens is None:  # LLaVA's "default" drops the first token whatever the tower (SigLIP: a patch)
+                drop_tokens = 0 if full.vision_feature_select_strategy == "full" else 1
             full.vision_config._attn_implementation = attn_implementation
+            full.vision_config.dtype = torch.float32
             self.tower = model_cls(full.vision_config)
             weights = None if building_skeleton() else read_part(path, "vision")
             mean, std = _processor_stats(Path(path), mean, std)
@@ -95,7 +99,7 @@ class HFVisionTower(VisionEncoder):
                 self.tower = model_cls(saved)
             else:
                 self.tower, info = model_cls.from_pretrained(
-                    path, attn_implementation=attn_implementation, output_loading_info=True
+                    path, attn_implementation=attn_implementation, output_loading_info=True, dtype=torch.float32
                 )
                 if info["missing_keys"]:  # transformers would leave them randomly initialised
                     raise WeightsMismatchError(
@@ -106,7 +110,7 @@ class HFVisionTower(VisionEncoder):
         else:
             self.tower = model_cls(config_cls(**config, attn_implementation=attn_implementation))
         feature_layer = -2 if feature_layer is None else feature_layer
-        prefix_tokens = 0 if keep_cls else prefix_tokens
+        prefix_tokens = prefix_tokens if drop_tokens is None else drop_tokens
         cfg = self.tower.config
         body = getattr(self.tower, "vision_model", self.tower)  # transformers 5 flattened CLIP/SigLIP towers
         layers = body.encoder.layers
@@ -121,7 +125,7 @@ class HFVisionTower(VisionEncoder):
             if not name.startswith(("embeddings.", "pre_layrnorm.", "encoder.")):
                 param.requires_grad_(False)
         self.prefix_tokens = prefix_tokens
-        self.has_cls = prefix_tokens == 1 and keep >= 1
+        self.has_cls = prefix_tokens == 1 and tower_prefix == 1 and keep >= 1  # SigLIP's first token is a patch
         self.out_dim = cfg.hidden_size
         self.image_size = (cfg.image_size, cfg.image_size)
         self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2 + tower_prefix - prefix_tokens
@@ -181,7 +185,7 @@ def _register_tower(
         feature_layer: int | None = None,
         attn_implementation: str = "sdpa",
         pad_to_square: bool = False,
-        keep_cls: bool | None = None,
+        drop_tokens: int | None = None,
         processor: str | None = None,
     ) -> HFVisionTower:
         return HFVisionTower(
@@ -195,7 +199,7 @@ def _register_tower(
             feature_layer,
             attn_implementation,
             pad_to_square,
-            keep_cls,
+            drop_tokens,
             processor,
         )
 

@@ -29,8 +29,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import PreTrainedTokenizerBase
 
 from skipvision.data.chat import IMAGE_PLACEHOLDER
-from skipvision.data.templates import apply_template
-from skipvision.data.tokenizer import load_tokenizer
+from skipvision.data.tokenizer import load_tokenizer, prepare_tokenizer
 from skipvision.errors import SkipvisionError, UnsupportedModelError
 from skipvision.model import VisionLanguageModel
 from skipvision.recipe import load_recipe
@@ -101,7 +100,7 @@ def load_llava_folder(
             f"supported: {', '.join(TOWERS)}"
         )
     tokenizer = load_tokenizer(path)
-    apply_template(tokenizer, "tokenizer" if tokenizer.chat_template else "llava_v1")  # LLaVA-1.5's own layout
+    prepare_tokenizer(tokenizer, "tokenizer" if tokenizer.chat_template else "llava_v1")  # else LLaVA-1.5's layout
     image_id = config.get("image_token_id", config.get("image_token_index"))
     if tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER) != image_id:
         raise CheckpointError(
@@ -111,6 +110,11 @@ def load_llava_folder(
     parts = ({"name": tower, "path": str(path)}, {"name": "mlp2x_gelu", "weights": str(path)})
     backbone = {"name": "hf_causal_lm", "path": str(path)}
     model = VisionLanguageModel.from_specs(*parts, backbone, tokenizer, IMAGE_PLACEHOLDER, skip=skip)
+    if model.visual.skips or any(True for _ in model.visual.parameters()):
+        raise CheckpointError(
+            f"{path}: skip policy {type(model.visual.policy).__name__} needs training (new summary tokens or a learned "
+            "score); an untrained LLaVA folder runs the full model or a training-free method (fastv, merge_only)"
+        )
     return model.eval(), tokenizer
 
 

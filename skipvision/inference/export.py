@@ -32,7 +32,7 @@ from skipvision.data.chat import IMAGE_PLACEHOLDER
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.encoders.hf_vision import HFVisionTower
 from skipvision.errors import OutputExistsError, UnsupportedModelError
-from skipvision.inference.checkpoint import load_model
+from skipvision.inference.checkpoint import CheckpointError, load_model
 from skipvision.model import VisionLanguageModel
 from skipvision.projectors import MLPProjector
 from skipvision.recipe import load_recipe, save_recipe
@@ -61,7 +61,7 @@ def portable_specs(recipe: DictConfig, model: VisionLanguageModel) -> dict[str, 
             "name": encoder["name"],
             "config": {k: v for k, v in config.items() if k not in ("transformers_version", "architectures")},
             "feature_layer": -1,  # the layers past the feature layer are gone already
-            "keep_cls": tower.prefix_tokens == 0,
+            "drop_tokens": tower.prefix_tokens,
             "pad_to_square": tower.pad_to_square,
             "processor": HERE if tower.image_processor_folder() is not None else None,
         }
@@ -124,11 +124,11 @@ def export(path: str | Path, out: str | Path, max_shard_size: str = "5GB", fmt: 
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"{out} is not empty; export writes into a new or empty folder")
     model, tokenizer, recipe = load_model(path)
-    assert recipe is not None, "load_model returns a recipe for training runs"
+    if recipe is None:
+        raise CheckpointError(f"{path} is not a training run (an HF LLaVA folder is already a transformers checkpoint)")
     if fmt == "llava-hf":
         return export_llava_hf(model, tokenizer, out, max_shard_size)
     config = {"format": FORMAT, "version": 1, "model": portable_specs(recipe, model), "image_token": IMAGE_PLACEHOLDER}
-    config["system_prompt"] = recipe.data.system_prompt
     out.mkdir(parents=True, exist_ok=True)
     model.backbone.save_pretrained(out / LLM_FOLDER, max_shard_size=max_shard_size)
     vision = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}

@@ -164,7 +164,8 @@ def build(cfg: DictConfig) -> tuple[VLMLitModule, WebDataModule, Path]:
     tokenizer_dir = run_dir.resolve() / "tokenizer"
     with FileLock(f"{run_dir}.lock"):
         if not (tokenizer_dir / "tokenizer.json").is_file():
-            prepare_tokenizer(load_tokenizer(source), cfg.data.chat_template).save_pretrained(tokenizer_dir)
+            tokenizer = prepare_tokenizer(load_tokenizer(source), cfg.data.chat_template, cfg.data.system_prompt)
+            tokenizer.save_pretrained(tokenizer_dir)
         save_recipe(cfg, run_dir / "recipe.yaml")
     recipe: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     question_types = declared_question_types(cfg.data, cfg.eval)

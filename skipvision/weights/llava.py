@@ -4,7 +4,9 @@ the three parts skipvision builds separately: vision tower, projector, language 
 
 Two key layouts exist: the one llava-hf publishes and transformers writes (``vision_tower.``,
 ``multi_modal_projector.``, ``language_model.model.``, ``language_model.lm_head.``) and transformers' in-memory one
-(``model.vision_tower.``, ``model.multi_modal_projector.``, ``model.language_model.``, ``lm_head.``). Each part's
+(``model.vision_tower.``, ``model.multi_modal_projector.``, ``model.language_model.``, ``lm_head.``). Folders saved by
+transformers 4 (the published llava-hf checkpoints) also nest the tower's keys under ``vision_model.``; transformers 5
+flattened CLIP and SigLIP towers, and so does skipvision. Each part's
 tensors come back under the names of the module skipvision builds for it. The original LLaVA's stage-1 projector
 file (``mm_projector.bin``, keys ``model.mm_projector.<i>.``) is read here too, with ``weights_only``.
 """
@@ -34,6 +36,7 @@ LAYOUTS = (
     },
 )
 ORIGINAL_PROJECTOR = "model.mm_projector."  # the original LLaVA's stage-1 file: model.mm_projector.0/2.weight
+NESTED_TOWER = "vision_model."  # transformers 4's CLIP/SigLIP towers: vision_tower.vision_model.encoder...
 
 
 def llava_config(path: str | Path) -> dict | None:
@@ -69,7 +72,10 @@ def read_part(folder: str | Path, part: str) -> dict[str, torch.Tensor]:
             for key in keys:
                 for prefix, renamed in layout[part]:
                     if key.startswith(prefix):
-                        out[renamed + key[len(prefix) :]] = f.get_tensor(key)
+                        name = key[len(prefix) :]
+                        if part == "vision":
+                            name = name.removeprefix(NESTED_TOWER)
+                        out[renamed + name] = f.get_tensor(key)
     return out
 
 
