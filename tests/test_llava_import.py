@@ -16,6 +16,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessor,
     SiglipVisionConfig,
 )
 
@@ -204,9 +205,11 @@ def test_images_go_through_the_checkpoints_processor_and_match_transformers_on_a
         and square.getpixel((0, 0)) == fill
         and square.getpixel((0, 8)) == images[0].getpixel((0, 0))
     )
+    # An independent reference: transformers' LlavaImageProcessor with do_pad (LLaVA-1.5's expand-to-square).
+    reference = LlavaImageProcessor(do_pad=True, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     torch.testing.assert_close(
         image_views(padded.encoder, None)(images[0]),
-        clip_processor()(images=square, return_tensors="pt")["pixel_values"][0],
+        reference(images=images[0], return_tensors="pt")["pixel_values"][0],
     )
 
 
