@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration
 
 from skipvision.cli import main
 from skipvision.data.tokenizer import load_tokenizer
@@ -41,7 +42,7 @@ def workflow_overrides(llava_folder: Path, tiny_shapes: Path, run: Path, *extra:
         "data.batch_size=4",
         "data.val_batch_size=8",
         "data.num_workers=0",
-        "data.max_length=256",
+        "data.max_length=1024",  # the llava_v1 system prompt is long in a 300-token vocabulary
         f"output_dir={run}",
         f"model.encoder.path={folder}",
         f"model.projector.weights={folder}",
@@ -110,7 +111,8 @@ def test_a_model_without_skipping_exports_in_the_llava_layout(
     """``--format llava-hf``: transformers' LlavaForConditionalGeneration loads the fine-tuned model and gives its
     logits and greedy tokens; a Skip-Vision model is refused in one line."""
     run = tmp_path / "run"
-    full = workflow_overrides(llava_folder, tiny_shapes, run, "model.skip.policy=none", "model.skip.num_skipped=null")
+    no_skip = ("model.skip.policy=none", "model.skip.num_skipped=null", "model.encoder.pad_to_square=false")
+    full = workflow_overrides(llava_folder, tiny_shapes, run, *no_skip)
     full.remove("model.skip.policy.num_retained=4")
     assert main(["fit", "--recipe", "llava15-import", *full]) == 0
     out = tmp_path / "llava-hf"
@@ -130,6 +132,20 @@ def test_a_model_without_skipping_exports_in_the_llava_layout(
     (answer,) = ours.generate([request], GenerationConfig(max_new_tokens=5))
     generated = hf[0, ids.shape[1] :].tolist()
     assert answer.token_ids == generated[: len(answer.token_ids)]
+
+    # transformers' own processor, saved with it, expands <image> and prepares the pixels the same way.
+    processor = AutoProcessor.from_pretrained(out)
+    text = "USER: <image>\nWhat colour is the circle?\nASSISTANT:"
+    inputs = processor(images=Image.open(image), text=text, return_tensors="pt")
+    assert inputs["input_ids"].eq(ours.model.image_token_id).sum() == ours.model.num_image_tokens
+    torch.testing.assert_close(inputs["pixel_values"][0], encoded.pixels, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            theirs(**inputs).logits,
+            ours.model(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], torch.tensor([1])).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
     skipping = tmp_path / "skip-run"
     assert main(["fit", "--recipe", "llava15-import", *workflow_overrides(llava_folder, tiny_shapes, skipping)]) == 0

@@ -125,6 +125,7 @@ class HFVisionTower(VisionEncoder):
             if not name.startswith(("embeddings.", "pre_layrnorm.", "encoder.")):
                 param.requires_grad_(False)
         self.prefix_tokens = prefix_tokens
+        self.tokens_before_patches = tower_prefix  # the tower's own leading tokens (CLIP's CLS; none in SigLIP)
         self.has_cls = prefix_tokens == 1 and tower_prefix == 1 and keep >= 1  # SigLIP's first token is a patch
         self.out_dim = cfg.hidden_size
         self.image_size = (cfg.image_size, cfg.image_size)

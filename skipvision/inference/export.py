@@ -26,7 +26,13 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from transformers import AutoImageProcessor, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import (
+    AutoImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+)
 
 from skipvision.data.chat import IMAGE_PLACEHOLDER
 from skipvision.data.tokenizer import load_tokenizer
@@ -154,6 +160,8 @@ def export_llava_hf(
         raise UnsupportedModelError(
             "--format llava-hf holds no skipping, merging or HD tiles: export such a model in the skipvision format"
         )
+    if tower.pad_to_square:
+        raise UnsupportedModelError("--format llava-hf does not carry pad_to_square; use the skipvision format")
     if not isinstance(tower, HFVisionTower) or not isinstance(model.projector, MLPProjector):
         raise UnsupportedModelError(
             "--format llava-hf needs an hf_clip or hf_siglip encoder and the mlp2x_gelu projector"
@@ -186,9 +194,16 @@ def export_llava_hf(
     load_strict(llava, state, "the model (llava-hf export)")
     llava.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
-    processor = tower.image_processor_folder()
-    if processor is not None:
-        AutoImageProcessor.from_pretrained(processor).save_pretrained(out)
+    folder = tower.image_processor_folder()
+    if folder is not None:  # transformers' own processor: AutoProcessor.from_pretrained(out) prepares prompts
+        LlavaProcessor(
+            image_processor=AutoImageProcessor.from_pretrained(folder),
+            tokenizer=tokenizer,
+            patch_size=tower.tower.config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=tower.tokens_before_patches,
+            image_token=IMAGE_PLACEHOLDER,
+        ).save_pretrained(out)
     return out
 
 
