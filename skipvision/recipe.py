@@ -113,6 +113,7 @@ class CheckpointConfig:
     every_n_steps: int | None = None  # None: only at the end of fit
     save_last: bool = True
     resume: str | None = None  # None | last | auto (newest hpc or last checkpoint, else fresh) | a .ckpt path
+    overwrite: bool = False  # fit into a folder that holds another run's checkpoints, replacing them
 
 
 @dataclass

@@ -97,10 +97,11 @@ def test_fit_generates_missing_data_and_refuses_mismatched_data(tmp_path: Path, 
     assert _fit([*small, "trainer.max_steps=1"]) == 0
     meta = json.loads((root / "meta.json").read_text())
     assert meta["num_train"] == 8 and meta["train_questions"] == 2
-    assert _fit([*small, "data.shapes.num_train=9"]) == 2
+    assert _fit([*small, "data.shapes.num_train=9", f"output_dir={tmp_path / 'run2'}"]) == 2
     err = capsys.readouterr().err
     assert "holds a shapes dataset generated with other settings (num_train: 8 on disk, 9 in the recipe)" in err
-    assert _fit([*small, "data.shapes.generate=false", f"data.root={tmp_path / 'absent'}"]) == 2
+    absent = [f"data.root={tmp_path / 'absent'}", f"output_dir={tmp_path / 'run3'}"]
+    assert _fit([*small, "data.shapes.generate=false", *absent]) == 2
     assert "data.shapes.generate is false" in capsys.readouterr().err
 
 

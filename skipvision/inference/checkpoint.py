@@ -32,7 +32,7 @@ from skipvision.data.chat import IMAGE_PLACEHOLDER
 from skipvision.data.tokenizer import load_tokenizer, prepare_tokenizer
 from skipvision.errors import SkipvisionError, UnsupportedModelError
 from skipvision.model import VisionLanguageModel
-from skipvision.recipe import load_recipe
+from skipvision.recipe import build_recipe, load_recipe
 from skipvision.registry import import_modules, load_entry_point_plugins
 from skipvision.weights.llava import llava_config
 
@@ -140,12 +140,19 @@ def load_model(
             f"{path} is a training run: its skip settings are its recipe's; --policy is for HF LLaVA folders"
         )
     files = locate(path)
-    recipe = load_recipe(files.recipe)
+    weights, stored = read_checkpoint(files.weights)
+    folder_recipe = load_recipe(files.recipe)
+    recipe = folder_recipe if stored is None else build_recipe(stored)
+    if stored is not None and OmegaConf.to_container(folder_recipe) != OmegaConf.to_container(recipe):
+        warnings.warn(
+            f"{files.recipe} differs from the recipe stored in {files.weights}; using the checkpoint's own",
+            stacklevel=2,
+        )
     load_entry_point_plugins()
     import_modules(list(recipe.imports))
     tokenizer = load_tokenizer(files.tokenizer)
     model = VisionLanguageModel.from_recipe(OmegaConf.to_container(recipe.model, resolve=True), tokenizer)
-    model.load_state_dict(model_weights(files.weights), strict=True)
+    model.load_state_dict(weights, strict=True)
     return model.to(device=device, dtype=dtype).eval(), tokenizer, recipe
 
 
@@ -165,15 +172,41 @@ def read_sharded(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
     return {key[len(prefix) :]: tensor for key, tensor in wanted.items()}
 
 
-def model_weights(weights: Path) -> dict[str, torch.Tensor]:
-    """The ``VisionLanguageModel`` state dict of a training checkpoint (a ``.ckpt`` file or a sharded folder)."""
+def read_checkpoint(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The ``VisionLanguageModel`` state dict of a training checkpoint (a ``.ckpt`` file or a sharded folder) and
+    the recipe stored in it (None when it has none): a checkpoint describes itself (docs/runs.md "Run folders").
+    Only safe loading (``weights_only``); a file that is not a checkpoint says so in one line."""
+    recipe = None
     if is_sharded(weights):
         state = read_sharded(weights, "state_dict.")
+        meta = weights / "meta.pt"
+        if meta.is_file():
+            recipe = _safe_load(meta).get("hyper_parameters", {}).get("recipe")
     else:
-        state = torch.load(weights, map_location="cpu", weights_only=True).get("state_dict")
+        loaded = _safe_load(weights)
+        state = loaded.get("state_dict")
+        recipe = loaded.get("hyper_parameters", {}).get("recipe")
     if not state:
         raise CheckpointError(f"{weights} is not a skipvision training checkpoint (no state_dict)")
-    return {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    return {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}, recipe
+
+
+def _safe_load(path: Path) -> dict[str, Any]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several kinds; all mean "not a checkpoint we can read safely"
+        kind = type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({kind}: {str(err).splitlines()[0][:120]})"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(loaded).__name__})")
+    return loaded
+
+
+def model_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The ``VisionLanguageModel`` state dict of a training checkpoint (see :func:`read_checkpoint`)."""
+    return read_checkpoint(weights)[0]
 
 
 def consolidate(path: str | Path, out: str | Path) -> int:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torchmetrics import MeanMetric, SumMetric
+from transformers import PreTrainedTokenizerBase
 
 from skipvision.data.templates import end_of_turn_ids
 from skipvision.data.tokenizer import load_tokenizer
@@ -48,11 +49,18 @@ def normalise_answer(text: str) -> str:
 class VLMLitModule(L.LightningModule):
     """Wraps ``VisionLanguageModel``; the resolved recipe is stored in every checkpoint's hyperparameters."""
 
-    def __init__(self, recipe: dict[str, Any], tokenizer_path: str, question_types: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        recipe: dict[str, Any],
+        tokenizer_path: str,
+        question_types: Sequence[str] = (),
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        """``tokenizer``: the one saved at ``tokenizer_path``, passed in when it is not written yet (a new run)."""
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["tokenizer"])
         self.cfg: DictConfig = OmegaConf.create(recipe)
-        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_path)
         self.sharded = self.cfg.trainer.strategy in FSDP_STRATEGIES
         with skeleton() if self.sharded else contextlib.nullcontext():
             self.model = self.build_model()  # FSDP: only the structure here; configure_model gives it weights

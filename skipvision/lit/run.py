@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from skipvision.lit.datamodule import WebDataModule, declared_question_types
 from skipvision.lit.fsdp import FSDP_PRECISIONS, FSDP_STRATEGIES
 from skipvision.lit.module import VLMLitModule
 from skipvision.lit.requeue import slurm_requeue
+from skipvision.lit.runfolder import checkpoints_in, claim, is_first_process
 from skipvision.recipe import RecipeError, save_recipe
 from skipvision.registry import import_modules, load_entry_point_plugins
 
@@ -156,20 +158,25 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 
 def build(cfg: DictConfig) -> tuple[VLMLitModule, WebDataModule, Path]:
-    """Data (generated if missing), the LightningModule and the DataModule for a recipe."""
+    """Data (generated if missing), the LightningModule and the DataModule for a recipe.
+
+    The model is built (every registry spec and weight source checked) before anything is written into the run
+    folder; then the first process writes the tokenizer and the recipe there (docs/runs.md "Run folders")."""
     activate_plugins(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.output_dir)
     source = prepare_data(cfg)
     tokenizer_dir = run_dir.resolve() / "tokenizer"
-    with FileLock(f"{run_dir}.lock"):
-        if not (tokenizer_dir / "tokenizer.json").is_file():
-            tokenizer = prepare_tokenizer(load_tokenizer(source), cfg.data.chat_template, cfg.data.system_prompt)
-            tokenizer.save_pretrained(tokenizer_dir)
-        save_recipe(cfg, run_dir / "recipe.yaml")
+    tokenizer = prepare_tokenizer(load_tokenizer(source), cfg.data.chat_template, cfg.data.system_prompt)
     recipe: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     question_types = declared_question_types(cfg.data, cfg.eval)
-    module = VLMLitModule(recipe, str(tokenizer_dir), question_types)
+    module = VLMLitModule(recipe, str(tokenizer_dir), question_types, tokenizer=tokenizer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(run_dir / ".setup.lock"):  # ranks started together (srun) wait for the first one's files
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            tokenizer.save_pretrained(tokenizer_dir)
+        if is_first_process():
+            save_recipe(cfg, run_dir / "recipe.yaml")
     model = module.model
     datamodule = WebDataModule(cfg.data, module.tokenizer, model.encoder, model.num_image_tokens, cfg.seed, model.tiles)
     return module, datamodule, run_dir
@@ -205,10 +212,17 @@ def check_readable(checkpoint: Path, strategy: str) -> None:
 
 
 def fit(cfg: DictConfig) -> L.Trainer:
+    """Train; the run folder is claimed first (lit/runfolder.py): another run's folder or a concurrent fit is
+    refused in one line."""
     check_strategy(cfg.trainer)
-    module, datamodule, run_dir = build(cfg)
-    trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, run_dir))
+    run_dir = Path(cfg.output_dir)
+    with claim(run_dir, resuming=cfg.checkpoint.resume is not None, overwrite=cfg.checkpoint.overwrite):
+        if cfg.checkpoint.overwrite and is_first_process():
+            for old in checkpoints_in(run_dir):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        module, datamodule, run_dir = build(cfg)
+        trainer = build_trainer(cfg, run_dir)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, run_dir))
     return trainer
 
 

@@ -1,0 +1,76 @@
+"""Run folders that never silently lose or change work (docs/runs.md "Run folders")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from skipvision.cli import main
+from skipvision.inference import VLMGenerator
+from skipvision.lit.runfolder import claim
+
+from .conftest import TINY_RECIPE
+
+
+def fit(*overrides: str) -> int:
+    return main(["fit", "--recipe", str(TINY_RECIPE), *overrides])
+
+
+def one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipvision ")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_another_runs_folder_is_refused_unless_resumed_or_overwritten(
+    tiny_overrides: list[str], tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    assert fit(*tiny_overrides) == 0
+    before = (run / "recipe.yaml").read_text()
+    assert fit(*tiny_overrides, "model.skip.policy=uniform") == 2
+    assert f"{run} holds another run's checkpoints" in one_line(capsys)
+    assert (run / "recipe.yaml").read_text() == before  # nothing changed
+    assert fit(*tiny_overrides, "checkpoint.resume=last", "trainer.max_steps=3") == 0
+    assert fit(*tiny_overrides, "checkpoint.overwrite=true", "trainer.max_steps=1") == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step=1.ckpt"]
+    assert not (run / ".lock").exists()  # released and removed after each fit
+
+
+def test_a_concurrent_fit_into_the_same_folder_is_refused(tiny_overrides: list[str], tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    with claim(run, resuming=False, overwrite=False):  # another fit holds the folder
+        assert fit(*tiny_overrides) == 2
+        assert f"another fit is running in {run}" in one_line(capsys)
+    assert fit(*tiny_overrides) == 0  # released
+
+
+def test_nothing_is_written_before_the_specs_validate(tiny_overrides: list[str], tmp_path: Path, capsys) -> None:
+    assert fit(*tiny_overrides, "model.projector=mlp3x_gelu") == 2
+    assert "mlp3x_gelu" in one_line(capsys)
+    run = tmp_path / "run"
+    assert not (run / "recipe.yaml").exists() and not (run / "tokenizer").exists()
+
+
+def test_a_checkpoint_uses_its_own_recipe(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """A folder recipe that no longer matches a checkpoint is reported, never applied."""
+    assert fit(*tiny_overrides) == 0
+    run = tmp_path / "run"
+    folder_recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    folder_recipe["model"]["skip"] = {"policy": {"name": "uniform", "num_retained": 4}, "num_skipped": 4}
+    for copy in (run / "recipe.yaml", run / "checkpoints" / "recipe.yaml"):  # as a later fit would rewrite them
+        copy.write_text(yaml.safe_dump(folder_recipe))
+    with pytest.warns(UserWarning, match="differs from the recipe stored in .*step=2.ckpt; using the checkpoint's own"):
+        generator = VLMGenerator.from_checkpoint(run / "checkpoints" / "step=2.ckpt")
+    assert generator.model.num_image_tokens == 16 and not generator.model.visual.skips  # the checkpoint's: no skip
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so(tiny_overrides: list[str], tmp_path: Path, capsys) -> None:
+    assert fit(*tiny_overrides) == 0
+    fake = tmp_path / "run" / "checkpoints" / "notes.ckpt"
+    fake.write_text("not a checkpoint\n")
+    assert main(["generate", "--checkpoint", str(fake), "--prompt", "hi"]) == 2
+    line = one_line(capsys)
+    assert f"{fake} is not a readable checkpoint" in line and "weights_only=False" not in line
