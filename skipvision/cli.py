@@ -156,13 +156,23 @@ def run(args: argparse.Namespace) -> None:
             jobs.validate(cfg, args.checkpoint)
 
 
+def user_message(err: SkipvisionError) -> str:
+    """The error's own message; one re-raised from a DataLoader worker carries the worker's traceback too
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), of which only its last line is ours."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (2 for a user error, printed as one line)."""
     args = make_parser().parse_args(argv)
     try:
         run(args)
     except SkipvisionError as err:
-        message = " ".join(str(err).split())  # one line, even for messages quoting multi-line text
+        message = " ".join(user_message(err).split())  # one line, even for messages quoting multi-line text
         print(f"skipvision {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -49,6 +49,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_length: int = 256
     on_error: str = "skip"  # skip (count and go on) | raise (fail naming the shard and sample)
+    max_errors_in_a_row: int = 1000  # skipped samples without one valid batch before the run stops (skip mode)
     resampled: bool = True  # training: endless resampled shards; false: shuffled passes split by rank/worker
     epoch_batches: int | None = None  # training batches per rank per epoch; None: one pass (or endless, resampled)
 

@@ -74,3 +74,14 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tiny_overrides: list[str], tmp_
     assert main(["generate", "--checkpoint", str(fake), "--prompt", "hi"]) == 2
     line = one_line(capsys)
     assert f"{fake} is not a readable checkpoint" in line and "weights_only=False" not in line
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stream_with_nothing_valid_stops_with_one_line(tiny_overrides: list[str], workers: int, capsys) -> None:
+    """docs/runs.md "Bad data": every sample over max_length would be skipped forever; the run stops instead, with
+    the cause, in one line also from a DataLoader worker."""
+    bad = ["data.max_length=10", "data.max_errors_in_a_row=20", f"data.num_workers={workers}"]
+    assert fit(*tiny_overrides, *bad) == 2
+    line = one_line(capsys)
+    assert "no valid sample in the last 20 read (data.max_errors_in_a_row)" in line
+    assert "over data.max_length=10" in line and "Traceback" not in line

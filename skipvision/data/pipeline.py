@@ -50,12 +50,16 @@ class DataError(SkipvisionError, RuntimeError):
 
 
 class ErrorPolicy:
-    """WebDataset exception handler: ``raise`` re-raises, ``skip`` counts the failure and continues."""
+    """WebDataset exception handler: ``raise`` re-raises, ``skip`` counts the failure and continues, unless
+    ``max_in_a_row`` failures come without a batch in between: then nothing valid is coming (every sample over
+    ``max_length``, a wrong data root...) and the stream stops with a :class:`DataError` naming the last failure,
+    instead of skipping forever (docs/runs.md "Bad data")."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, max_in_a_row: int = 1000) -> None:
         if mode not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {mode!r}")
         self.mode = mode
+        self.max_in_a_row = max_in_a_row
         self.count = 0
         self._reported = 0
 
@@ -65,6 +69,11 @@ class ErrorPolicy:
         self.count += 1
         if self.count <= 5:
             log.warning("skipping bad data (%d so far): %s", self.count, exn)
+        if self.count - self._reported >= self.max_in_a_row:
+            raise DataError(
+                f"no valid sample in the last {self.max_in_a_row} read (data.max_errors_in_a_row); the last "
+                f"error: {exn}"
+            )
         return True
 
     def take_new(self) -> int:
@@ -294,6 +303,7 @@ def build_pipeline(
     epoch_batches: int | None = None,
     start_step: int = 0,
     start_batch: int = 0,
+    max_errors_in_a_row: int = 1000,
 ) -> wds.DataPipeline | Epochs:
     """The full shard -> batch pipeline; iterate it through a DataLoader with ``batch_size=None``.
 
@@ -302,7 +312,7 @@ def build_pipeline(
     it has done (see :class:`Epochs`).
     """
     placement = placement or Placement()
-    policy = ErrorPolicy(on_error)
+    policy = ErrorPolicy(on_error, max_errors_in_a_row)
     collation = Collator(pad_id, policy)
     if not training:
         return wds.DataPipeline(

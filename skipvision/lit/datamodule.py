@@ -84,6 +84,7 @@ class WebDataModule(L.LightningDataModule):
             epoch_batches=self.cfg.epoch_batches,
             start_step=start_step,
             start_batch=(start_step * accumulate) % self.cfg.epoch_batches if self.cfg.epoch_batches else 0,
+            max_errors_in_a_row=self.cfg.max_errors_in_a_row,
         )
         workers = self.cfg.num_workers
         return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
