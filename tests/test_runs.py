@@ -85,3 +85,18 @@ def test_a_stream_with_nothing_valid_stops_with_one_line(tiny_overrides: list[st
     line = one_line(capsys)
     assert "no valid sample in the last 20 read (data.max_errors_in_a_row)" in line
     assert "over data.max_length=10" in line and "Traceback" not in line
+
+
+def test_resume_from_a_cut_last_checkpoint_names_the_newest_intact_one(
+    tiny_overrides: list[str], tmp_path: Path, capsys
+) -> None:
+    assert fit(*tiny_overrides, "checkpoint.every_n_steps=1") == 0
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a write cut short
+    assert fit(*tiny_overrides, "checkpoint.resume=last", "trainer.max_steps=3") == 2
+    intact = tmp_path / "run" / "checkpoints" / "step=2.ckpt"
+    assert one_line(capsys) == (
+        f"skipvision fit: error: {last} is incomplete or corrupt (a write cut short?); the newest intact checkpoint "
+        f"is {intact} (checkpoint.resume={intact})"
+    )
+    assert fit(*tiny_overrides, f"checkpoint.resume={intact}", "trainer.max_steps=3") == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,27 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     if not path.exists():  # a file, or a folder of shards (FSDP)
         raise MissingFileError(f"checkpoint.resume={resume!r}: no checkpoint at {path}")
     check_readable(path, cfg.trainer.strategy)
+    check_intact(path)
     return str(path)
+
+
+def is_intact(path: Path) -> bool:
+    """Whether a checkpoint file is complete: its zip directory, written last, is there (cheap: no tensor is read)."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def check_intact(path: Path) -> None:
+    """Refuse a truncated or corrupt checkpoint file, naming the newest intact one of its folder to resume from."""
+    if path.is_dir() or is_intact(path):
+        return
+    steps = sorted(path.parent.glob("step=*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    intact = next((p for p in steps if p.is_file() and is_intact(p)), None)
+    hint = f"; the newest intact checkpoint is {intact} (checkpoint.resume={intact})" if intact else ""
+    raise CheckpointError(f"{path} is incomplete or corrupt (a write cut short?){hint}")
 
 
 def check_readable(checkpoint: Path, strategy: str) -> None:
