@@ -9,6 +9,7 @@ import yaml
 
 from skipvision.cli import main
 from skipvision.inference import VLMGenerator
+from skipvision.lit.checkpoint_io import PARTIAL, AtomicCheckpointIO
 from skipvision.lit.runfolder import claim
 
 from .conftest import TINY_RECIPE
@@ -100,3 +101,19 @@ def test_resume_from_a_cut_last_checkpoint_names_the_newest_intact_one(
         f"is {intact} (checkpoint.resume={intact})"
     )
     assert fit(*tiny_overrides, f"checkpoint.resume={intact}", "trainer.max_steps=3") == 0
+
+
+def test_checkpoint_writes_are_atomic_in_their_folder(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """docs/runs.md "Run folders": a write that fails leaves the old checkpoint whole and no partial file; partial
+    files a killed writer left are removed when the next fit starts."""
+    assert fit(*tiny_overrides) == 0
+    folder = tmp_path / "run" / "checkpoints"
+    last = folder / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises for an unpicklable object
+        AtomicCheckpointIO().save_checkpoint({"bad": lambda: None}, last)
+    assert last.read_bytes() == before and not list(folder.glob(".*partial*"))
+    stale = folder / f".last.ckpt{PARTIAL}12345"
+    stale.write_bytes(b"half a checkpoint")
+    assert fit(*tiny_overrides, "checkpoint.resume=last", "trainer.max_steps=3") == 0
+    assert not stale.exists()

@@ -30,6 +30,7 @@ from skipvision.data.tokenizer import load_tokenizer, prepare_tokenizer
 from skipvision.errors import MissingFileError
 from skipvision.inference.checkpoint import CheckpointError, is_sharded
 from skipvision.lit.callbacks import SaveRecipe, Throughput
+from skipvision.lit.checkpoint_io import AtomicCheckpointIO, remove_partials
 from skipvision.lit.datamodule import WebDataModule, declared_question_types
 from skipvision.lit.fsdp import FSDP_PRECISIONS, FSDP_STRATEGIES
 from skipvision.lit.module import VLMLitModule
@@ -154,7 +155,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         deterministic=t.deterministic,
         callbacks=callbacks,
         default_root_dir=run_dir,
-        plugins=slurm_plugins,
+        plugins=[*slurm_plugins, *([] if t.strategy in FSDP_STRATEGIES else [AtomicCheckpointIO()])],
     )
 
 
@@ -238,6 +239,8 @@ def fit(cfg: DictConfig) -> L.Trainer:
     check_strategy(cfg.trainer)
     run_dir = Path(cfg.output_dir)
     with claim(run_dir, resuming=cfg.checkpoint.resume is not None, overwrite=cfg.checkpoint.overwrite):
+        if is_first_process():
+            remove_partials(run_dir / "checkpoints")  # left by a writer that was killed mid-write
         if cfg.checkpoint.overwrite and is_first_process():
             for old in checkpoints_in(run_dir):
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
