@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from skipvision.cli import main
 from skipvision.inference import VLMGenerator
 from skipvision.lit.checkpoint_io import PARTIAL, AtomicCheckpointIO
+from skipvision.lit.run import is_intact
 from skipvision.lit.runfolder import claim
 
 from .conftest import TINY_RECIPE
+from .processes import process_env
 
 
 def fit(*overrides: str) -> int:
@@ -117,3 +125,31 @@ def test_checkpoint_writes_are_atomic_in_their_folder(tiny_overrides: list[str],
     stale.write_bytes(b"half a checkpoint")
     assert fit(*tiny_overrides, "checkpoint.resume=last", "trainer.max_steps=3") == 0
     assert not stale.exists()
+
+
+def test_sigkill_mid_run_then_resume_loses_only_the_unsaved_steps(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """A fit killed with SIGKILL (every step checkpointed) resumes from its last complete checkpoint, with no
+    partial file left behind, and a second fit started while the first runs is refused."""
+    run = tmp_path / "run"
+    args = ["fit", "--recipe", str(TINY_RECIPE), *tiny_overrides, "trainer.max_steps=400", "checkpoint.every_n_steps=1"]
+    log = (tmp_path / "fit.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "skipvision", *args], env=process_env(), stdout=log, stderr=log, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "step=4.ckpt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "fit.log").read_text()[-2000:]
+            time.sleep(0.05)
+        assert fit(*tiny_overrides, "checkpoint.resume=last") == 2  # the running fit holds the folder
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    saved = max(int(p.stem.split("=")[1]) for p in (run / "checkpoints").glob("step=*.ckpt") if is_intact(p))
+    assert fit(*tiny_overrides, "checkpoint.resume=last", f"trainer.max_steps={saved + 2}") == 0
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == saved + 2
+    assert not list((run / "checkpoints").glob(".*partial*")) and not (run / ".lock").exists()
