@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from skipvision.cli import main
 from skipvision.data.shapes import QUESTION_TYPES
+from skipvision.inference import VLMGenerator
 from skipvision.inference.checkpoint import model_weights, read_sharded
 from skipvision.lit.run import validate
 from skipvision.recipe import load_recipe
@@ -214,3 +215,13 @@ def test_two_nodes_of_one_process_match_one_node_of_two(
     losses = [float(r["train/loss"]) for r in nodes if r["train/loss"]]
     assert losses == pytest.approx([float(r["train/loss"]) for r in one_node if r["train/loss"]], rel=1e-6)
     assert logged(nodes, "val/") == pytest.approx(logged(one_node, "val/"), rel=1e-5)
+
+
+def test_a_sharded_fsdp_run_exports_like_any_run(fsdp_mixed: Path) -> None:
+    """docs/checkpoints.md "Export": the export reads the shards in one process; its weights are the run's."""
+    out = fsdp_mixed.parent / "export"
+    assert main(["export", "--checkpoint", str(fsdp_mixed), "--out", str(out)]) == 0
+    exported = VLMGenerator.from_checkpoint(out).model.state_dict()
+    weights = model_weights(fsdp_mixed / "checkpoints" / "last.ckpt")
+    assert exported.keys() == weights.keys()
+    assert all(torch.equal(exported[k], v) for k, v in weights.items())
