@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -163,7 +164,11 @@ def _read_with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, An
         raise RecipeError(f"Recipe defaults form a cycle: {' -> '.join(str(p) for p in (*seen, path))}")
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-    except (OSError, OmegaConfBaseException) as err:
+    except yaml.MarkedYAMLError as err:  # names the line and column (1-based) of the problem
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
+        raise RecipeError(f"Recipe {path} is not valid YAML at {where}: {err.problem or err}") from None
+    except (OSError, OmegaConfBaseException, yaml.YAMLError) as err:
         raise RecipeError(f"Cannot read recipe {path}: {err}") from err
     if not isinstance(raw, dict):
         raise RecipeError(f"Recipe {path} must be a mapping, got {type(raw).__name__}")
@@ -241,6 +246,39 @@ def _check_choices(cfg: DictConfig) -> None:
         value = str(OmegaConf.select(cfg, key))
         if value not in valid:
             raise RecipeError(f"Recipe key '{key}' is {value!r}; valid values: {', '.join(valid)}")
+    for key, low in MINIMUMS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < low:
+            raise RecipeError(f"Recipe key '{key}' is {value}; it must be at least {low}")
+    for key in FRACTIONS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not 0 <= value <= 1:
+            raise RecipeError(f"Recipe key '{key}' is {value}; it must be between 0 and 1")
+
+
+# Numeric recipe values with a lower bound, checked up front (a 0 batch size would fail deep in a DataLoader).
+MINIMUMS = {
+    "data.batch_size": 1,
+    "data.val_batch_size": 1,
+    "data.num_workers": 0,
+    "data.shuffle_buffer": 1,
+    "data.max_length": 1,
+    "data.epoch_batches": 1,
+    "data.max_errors_in_a_row": 1,
+    "optim.lr": 0.0,
+    "optim.weight_decay": 0.0,
+    "optim.warmup_steps": 0,
+    "trainer.max_steps": 1,
+    "trainer.val_check_interval": 1,
+    "trainer.limit_val_batches": 0,
+    "trainer.accumulate_grad_batches": 1,
+    "trainer.num_nodes": 1,
+    "trainer.log_every_n_steps": 1,
+    "checkpoint.every_n_steps": 1,
+    "eval.max_new_tokens": 1,
+    "model.skip.num_skipped": 1,
+}
+FRACTIONS = ("optim.min_lr_ratio",)
 
 
 def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> DictConfig:

@@ -153,3 +153,21 @@ def test_sigkill_mid_run_then_resume_loses_only_the_unsaved_steps(tiny_overrides
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == saved + 2
     assert not list((run / "checkpoints").glob(".*partial*")) and not (run / ".lock").exists()
+
+
+def test_bad_recipe_values_and_yaml_are_one_line(tmp_path: Path, capsys) -> None:
+    """docs/runs.md "Bad data": out-of-range values are refused before anything runs; a YAML syntax error names the
+    file, line and column."""
+    assert main(["print-recipe", "--recipe", str(TINY_RECIPE), "data.batch_size=0"]) == 2
+    assert one_line(capsys).endswith("Recipe key 'data.batch_size' is 0; it must be at least 1")
+    assert main(["print-recipe", "--recipe", str(TINY_RECIPE), "optim.min_lr_ratio=1.5"]) == 2
+    assert one_line(capsys).endswith("Recipe key 'optim.min_lr_ratio' is 1.5; it must be between 0 and 1")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\ndata: {batch_size: 4\n")
+    assert main(["print-recipe", "--recipe", str(broken)]) == 2
+    assert one_line(capsys).endswith(
+        f"Recipe {broken} is not valid YAML at line 3, column 1: did not find expected ',' or '}}'"
+    )
+    with pytest.raises(SystemExit):
+        main(["generate", "--checkpoint", "x", "--requests", "y", "--batch-size", "0"])
+    assert "argument --batch-size: must be at least 1, got 0" in capsys.readouterr().err

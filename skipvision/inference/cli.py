@@ -27,6 +27,14 @@ if TYPE_CHECKING:  # the parser is built without torch (docs/cli.md "Startup"); 
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
 
 
+def positive(text: str) -> int:
+    """A command-line count of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="answer prompts about images with a trained checkpoint")
     gen.add_argument(
@@ -43,8 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     many = gen.add_argument_group("batch mode")
     many.add_argument("--requests", help="JSONL file of requests")
     many.add_argument("--output", help="JSONL file to write the answers to (default: stdout)")
-    many.add_argument("--batch-size", type=int, default=8)
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    many.add_argument("--batch-size", type=positive, default=8)
+    gen.add_argument("--max-new-tokens", type=positive, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
