@@ -171,3 +171,24 @@ def test_bad_recipe_values_and_yaml_are_one_line(tmp_path: Path, capsys) -> None
     with pytest.raises(SystemExit):
         main(["generate", "--checkpoint", "x", "--requests", "y", "--batch-size", "0"])
     assert "argument --batch-size: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_logs_without_a_terminal_are_plain_lines_and_a_summary(
+    tiny_overrides: list[str], tmp_path: Path, capsys
+) -> None:
+    """docs/runs.md "Logs": captured stdout is not a terminal, as in a file or a SLURM job."""
+    assert (
+        fit(*tiny_overrides, "trainer.max_steps=4", "trainer.log_every_n_steps=2", "trainer.limit_val_batches=null")
+        == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    steps = [line for line in out if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in steps] == ["step 2/4", "step 4/4"]
+    assert all(" | loss " in line and " | eta " in line for line in steps)
+    [validation] = [line for line in out if line.startswith("validation at step 4: ")]
+    assert "acc_all" in validation and "acc_colour" in validation and "loss" in validation
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert (
+        out[-1] == f"run folder: {tmp_path / 'run'}; generate with: python -m skipvision generate --checkpoint {last}"
+    )
+    assert out[-2].startswith("done: 4 steps; acc_all ")

@@ -1,4 +1,5 @@
-"""Training callbacks: throughput on the progress bar, the resolved recipe next to the checkpoints."""
+"""Training callbacks: throughput on the progress bar, the resolved recipe next to the checkpoints, plain progress
+lines and a closing summary where there is no terminal."""
 
 from __future__ import annotations
 
@@ -48,3 +49,58 @@ class SaveRecipe(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             save_recipe(self.recipe, self.checkpoint_dir / "recipe.yaml")
+
+
+class PlainProgress(L.Callback):
+    """Readable logs where there is no terminal (a file, a SLURM job): a plain line every ``every`` steps (step of
+    total, loss, tokens/s, time left), the validation metrics per question type, and a closing summary naming the
+    run folder and the checkpoint to generate with (docs/runs.md "Logs"). Rank 0 only."""
+
+    def __init__(self, every: int, run_dir: Path) -> None:
+        self.every, self.run_dir = every, run_dir
+        self._start: float | None = None
+        self._first_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._first_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        if not trainer.is_global_zero or (step % self.every and step != total) or self._start is None:
+            return
+        done = max(1, step - self._first_step)
+        left = (time.perf_counter() - self._start) / done * (total - step)
+        metrics = trainer.callback_metrics
+        parts = [f"step {step}/{total}"]
+        parts += [
+            f"{name} {float(metrics[key]):.4g}"
+            for key, name in (("train/loss", "loss"), ("tok/s", "tok/s"))
+            if key in metrics
+        ]
+        print(" | ".join([*parts, f"eta {_clock(left)}"]), flush=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:  # after the module has logged its metrics
+            print(f"validation at step {trainer.global_step}: {_metrics(trainer, 'val/')}", flush=True)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        print(f"done: {trainer.global_step} steps; {_metrics(trainer, 'val/')}", flush=True)
+        print(
+            f"run folder: {self.run_dir}; generate with: python -m skipvision generate --checkpoint {last}", flush=True
+        )
+
+
+def _metrics(trainer: L.Trainer, prefix: str) -> str:
+    found = {k[len(prefix) :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+    return ", ".join(f"{k} {v:.4g}" for k, v in sorted(found.items())) or "no validation yet"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

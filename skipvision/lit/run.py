@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from skipvision.data.shapes import ShapesSettings, dataset_is_complete, generate
 from skipvision.data.tokenizer import load_tokenizer, prepare_tokenizer
 from skipvision.errors import MissingFileError
 from skipvision.inference.checkpoint import CheckpointError, is_sharded
-from skipvision.lit.callbacks import SaveRecipe, Throughput
+from skipvision.lit.callbacks import PlainProgress, SaveRecipe, Throughput
 from skipvision.lit.checkpoint_io import AtomicCheckpointIO, remove_partials
 from skipvision.lit.datamodule import WebDataModule, declared_question_types
 from skipvision.lit.fsdp import FSDP_PRECISIONS, FSDP_STRATEGIES
@@ -131,6 +132,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         SaveRecipe(cfg, checkpoint_dir),
         Throughput(),
     ]
+    terminal = sys.stdout.isatty()
+    if not terminal:  # a file or a job log: plain lines instead of a progress bar (lit/callbacks.py)
+        callbacks.append(PlainProgress(t.log_every_n_steps, run_dir))
     slurm_plugins, slurm_callbacks = slurm_requeue()  # under SLURM: save and requeue on USR1 (lit/requeue.py)
     callbacks += slurm_callbacks
     logger = _logger(cfg, run_dir)
@@ -151,7 +155,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         strategy=ModelParallelStrategy() if t.strategy in FSDP_STRATEGIES else t.strategy,
         logger=logger,
         log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar,
+        enable_progress_bar=t.enable_progress_bar and terminal,
         deterministic=t.deterministic,
         callbacks=callbacks,
         default_root_dir=run_dir,
