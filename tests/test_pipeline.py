@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,22 @@ def test_epochs_continue_one_stream_and_a_resumed_epoch_is_shorter(tokenizer, ti
         assert len({k for e in epochs for k in e}) == 48  # 6 epochs x 8 samples of one 64-sample pass, none twice
     resumed = pipe(start_batch=1)
     assert [len(list(resumed)) for _ in range(3)] == [1, 2, 2]
+
+
+@pytest.mark.parametrize("cut", ["member_boundary", "mid_member"])
+def test_a_truncated_shard_is_one_counted_error_or_one_fatal_line(tokenizer, tmp_path: Path, cut: str) -> None:
+    """docs/runs.md "Bad data": a shard cut short, wherever, is skipped whole and counted once, or stops the run
+    naming it; the intact shard is read in full."""
+    text = _conv(q="Is a square round?", a="no")
+    good = _write_shard(tmp_path / "ok-000000.tar", [{"__key__": f"g{i}", "json": text} for i in range(3)])
+    whole = _write_shard(tmp_path / "cut-000001.tar", [{"__key__": f"c{i}", "json": text} for i in range(3)])
+    with tarfile.open(whole) as tar:
+        second = tar.getmembers()[1]  # the first sample is one member (json); the cut falls after or inside it
+    data = Path(whole).read_bytes()
+    end = second.offset if cut == "member_boundary" else second.offset_data + 3
+    Path(whole).write_bytes(data[:end])
+    batches = list(_pipeline(tokenizer, [good, whole], on_error="skip"))
+    assert [k for b in batches for k, f in zip(b["keys"], b["fillers"], strict=True) if not f] == ["g0", "g1", "g2"]
+    assert sum(b["data_errors"] for b in batches) == 1
+    with pytest.raises(DataError, match=rf"cut-000001.tar: truncated tar shard \({end} bytes, no end-of-archive"):
+        list(_pipeline(tokenizer, [good, whole], on_error="raise"))

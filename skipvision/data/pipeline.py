@@ -182,6 +182,26 @@ def expand_shards(pattern: str | list[str], on_error: str = "raise") -> list[str
     return urls
 
 
+TAR_BLOCK = 512
+
+
+def check_shard(shard: dict[str, str]) -> dict[str, str]:
+    """A local shard must end with tar's end-of-archive marker (two zero blocks): a file cut short, even exactly at
+    a member boundary, has none. Python's tarfile would read the members before the cut and stop silently; here the
+    whole shard is one data error instead (skipped and counted once, or fatal), before any of it is read."""
+    url = shard["url"]
+    path = Path(url)
+    if "://" in url or not path.is_file():
+        return shard
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 2 * TAR_BLOCK))
+        tail = f.read()
+    if size % TAR_BLOCK or len(tail) < 2 * TAR_BLOCK or any(tail):
+        raise DataError(f"{url}: truncated tar shard ({size} bytes, no end-of-archive marker)")
+    return shard
+
+
 class Placement(NamedTuple):
     """The process a loader runs in: ``rank`` of ``world`` (the trainer's global rank and world size)."""
 
@@ -317,6 +337,7 @@ def build_pipeline(
     if not training:
         return wds.DataPipeline(
             wds.SimpleShardList(urls),
+            wds.map(check_shard, handler=policy),
             wds.tarfile_to_samples(handler=policy),
             EvenSplit(encoder, policy, placement),
             wds.batched(batch_size, collation_fn=collation, partial=True),
@@ -333,6 +354,7 @@ def build_pipeline(
         shards = ShardPasses(urls, placement, stream_seed, endless=epoch_batches is not None)
     stages: list[Any] = [
         shards,
+        wds.map(check_shard, handler=policy),
         wds.tarfile_to_samples(handler=policy),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=stream_seed),
         wds.map(encoder, handler=policy),
