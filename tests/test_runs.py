@@ -20,7 +20,7 @@ from skipvision.lit.run import is_intact
 from skipvision.lit.runfolder import claim
 
 from .conftest import TINY_RECIPE
-from .processes import process_env
+from .processes import process_env, run_cli
 
 
 def fit(*overrides: str) -> int:
@@ -192,3 +192,11 @@ def test_logs_without_a_terminal_are_plain_lines_and_a_summary(
         out[-1] == f"run folder: {tmp_path / 'run'}; generate with: python -m skipvision generate --checkpoint {last}"
     )
     assert out[-2].startswith("done: 4 steps; acc_all ")
+
+
+def test_a_fit_log_has_no_third_party_noise(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """docs/runs.md "Logs": a fit writing to a file, as a job would; the known noise is gone at its source."""
+    out = run_cli(["fit", "--recipe", str(TINY_RECIPE), *tiny_overrides], tmp_path / "fit.log", 120)
+    for noise in ("srun", "Tip:", "LeafSpec", "Total FLOPs", "Modules in train mode", "┃"):
+        assert noise not in out, noise
+    assert "parameters: 59.4 K (59.4 K trainable): encoder 19.5 K, projector 2.1 K, llm 37.8 K" in out

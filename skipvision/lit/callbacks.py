@@ -104,3 +104,24 @@ def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class ParameterSummary(L.Callback):
+    """One line at the start of fit, in place of Lightning's model table: parameters per component, trainable."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        parts = {name: pl_module.component(name) for name in ("encoder", "projector", "llm")}
+        counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in pl_module.parameters())
+        each = ", ".join(f"{name} {_count(n)}" for name, n in counts.items())
+        print(f"parameters: {_count(total)} ({_count(trainable)} trainable): {each}", flush=True)
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)

@@ -30,11 +30,12 @@ from skipvision.data.shapes import ShapesSettings, dataset_is_complete, generate
 from skipvision.data.tokenizer import load_tokenizer, prepare_tokenizer
 from skipvision.errors import MissingFileError
 from skipvision.inference.checkpoint import CheckpointError, is_sharded
-from skipvision.lit.callbacks import PlainProgress, SaveRecipe, Throughput
+from skipvision.lit.callbacks import ParameterSummary, PlainProgress, SaveRecipe, Throughput
 from skipvision.lit.checkpoint_io import AtomicCheckpointIO, remove_partials
 from skipvision.lit.datamodule import WebDataModule, declared_question_types
 from skipvision.lit.fsdp import FSDP_PRECISIONS, FSDP_STRATEGIES
 from skipvision.lit.module import VLMLitModule
+from skipvision.lit.quiet import silence_noise
 from skipvision.lit.requeue import slurm_requeue
 from skipvision.lit.runfolder import checkpoints_in, claim, is_first_process
 from skipvision.recipe import RecipeError, save_recipe
@@ -131,7 +132,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         ),
         SaveRecipe(cfg, checkpoint_dir),
         Throughput(),
+        ParameterSummary(),
     ]
+    silence_noise()
     terminal = sys.stdout.isatty()
     if not terminal:  # a file or a job log: plain lines instead of a progress bar (lit/callbacks.py)
         callbacks.append(PlainProgress(t.log_every_n_steps, run_dir))
@@ -156,6 +159,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         logger=logger,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.enable_progress_bar and terminal,
+        enable_model_summary=False,  # ParameterSummary prints one line instead
         deterministic=t.deterministic,
         callbacks=callbacks,
         default_root_dir=run_dir,
