@@ -15,9 +15,11 @@ import yaml
 
 from skipvision.cli import main
 from skipvision.inference import VLMGenerator
+from skipvision.lit.callbacks import StepProgressBar
 from skipvision.lit.checkpoint_io import PARTIAL, AtomicCheckpointIO
-from skipvision.lit.run import is_intact
+from skipvision.lit.run import build, build_trainer, is_intact, resolve_resume
 from skipvision.lit.runfolder import claim
+from skipvision.recipe import load_recipe
 
 from .conftest import TINY_RECIPE
 from .processes import process_env, run_cli
@@ -200,3 +202,19 @@ def test_a_fit_log_has_no_third_party_noise(tiny_overrides: list[str], tmp_path:
     for noise in ("srun", "Tip:", "LeafSpec", "Total FLOPs", "Modules in train mode", "┃"):
         assert noise not in out, noise
     assert "parameters: 59.4 K (59.4 K trainable): encoder 19.5 K, projector 2.1 K, llm 37.8 K" in out
+
+
+def test_the_terminal_bar_counts_steps_of_the_run_also_after_a_resume(
+    tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/runs.md "Logs": in a terminal the bar reads ``step 4/4`` after a resume from step 2, not ``2/0``."""
+    assert fit(*tiny_overrides) == 0
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    cfg = load_recipe(TINY_RECIPE, [*tiny_overrides, "checkpoint.resume=last", "trainer.max_steps=4"])
+    cfg.trainer.enable_progress_bar = True
+    module, datamodule, run_dir = build(cfg)
+    trainer = build_trainer(cfg, run_dir)
+    [bar] = [c for c in trainer.callbacks if isinstance(c, StepProgressBar)]
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, run_dir))
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (4, 4)
+    assert "v_num" not in bar.get_metrics(trainer, module)

@@ -30,7 +30,7 @@ from skipvision.data.shapes import ShapesSettings, dataset_is_complete, generate
 from skipvision.data.tokenizer import load_tokenizer, prepare_tokenizer
 from skipvision.errors import MissingFileError
 from skipvision.inference.checkpoint import CheckpointError, is_sharded
-from skipvision.lit.callbacks import ParameterSummary, PlainProgress, SaveRecipe, Throughput
+from skipvision.lit.callbacks import ParameterSummary, PlainProgress, SaveRecipe, StepProgressBar, Throughput
 from skipvision.lit.checkpoint_io import AtomicCheckpointIO, remove_partials
 from skipvision.lit.datamodule import WebDataModule, declared_question_types
 from skipvision.lit.fsdp import FSDP_PRECISIONS, FSDP_STRATEGIES
@@ -138,6 +138,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     terminal = sys.stdout.isatty()
     if not terminal:  # a file or a job log: plain lines instead of a progress bar (lit/callbacks.py)
         callbacks.append(PlainProgress(t.log_every_n_steps, run_dir))
+    elif t.enable_progress_bar:
+        callbacks.append(StepProgressBar())
     slurm_plugins, slurm_callbacks = slurm_requeue()  # under SLURM: save and requeue on USR1 (lit/requeue.py)
     callbacks += slurm_callbacks
     logger = _logger(cfg, run_dir)
