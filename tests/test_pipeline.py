@@ -197,22 +197,17 @@ def test_validation_gives_every_rank_the_same_batches_and_every_sample_once(
     assert len(fillers) == -(-5 // (world * workers)) * world * workers - 5
 
 
+def _passes(tokenizer, urls: list[str], **options):
+    """Training without resampling, batches of 4 in shard order (no sample shuffle)."""
+    return _pipeline(tokenizer, urls, 200, batch_size=4, training=True, resampled=False, shuffle_buffer=1, **options)
+
+
 def test_training_without_resampling_splits_shards_evenly_or_refuses(tokenizer, tiny_shapes: Path) -> None:
     urls = expand_shards(str(tiny_shapes / "train" / "*.tar"))  # 2 shards of 32 samples
 
     def make(epoch_batches: int | None, workers: int = 1):
         def pipeline(placement: Placement):
-            return _pipeline(
-                tokenizer,
-                urls,
-                200,
-                batch_size=4,
-                training=True,
-                resampled=False,
-                shuffle_buffer=1,
-                placement=placement,
-                epoch_batches=epoch_batches,
-            )
+            return _passes(tokenizer, urls, placement=placement, epoch_batches=epoch_batches)
 
         return _readers(2, workers, pipeline)
 
@@ -255,17 +250,7 @@ def test_epochs_continue_one_stream_and_a_resumed_epoch_is_shorter(tokenizer, ti
     urls = expand_shards(str(tiny_shapes / "train" / "*.tar"))  # 2 shards of 32 samples
 
     def pipe(start_batch: int = 0):
-        return _pipeline(
-            tokenizer,
-            urls,
-            200,
-            batch_size=4,
-            training=True,
-            resampled=False,
-            shuffle_buffer=1,
-            epoch_batches=2,
-            start_batch=start_batch,
-        )
+        return _passes(tokenizer, urls, epoch_batches=2, start_batch=start_batch)
 
     for workers in (0, 2):
         loader = torch.utils.data.DataLoader(
