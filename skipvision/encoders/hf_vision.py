@@ -119,8 +119,11 @@ class HFVisionTower(VisionEncoder):
             raise RegistryError(f"feature_layer {feature_layer} is out of range for {len(layers)} layers")
         del layers[keep:]
         if weights is not None:  # LLaVA never runs the layers past its feature layer either
-            past = tuple(f"encoder.layers.{i}." for i in range(keep, keep + 1000))
-            load_strict(self.tower, weights, f"{path} (vision tower)", unused_ok=lambda key: key.startswith(past))
+
+            def past_feature_layer(key: str) -> bool:
+                return key.startswith("encoder.layers.") and int(key.split(".")[2]) >= keep
+
+            load_strict(self.tower, weights, f"{path} (vision tower)", unused_ok=past_feature_layer)
         for name, param in body.named_parameters():
             if not name.startswith(("embeddings.", "pre_layrnorm.", "encoder.")):
                 param.requires_grad_(False)

@@ -34,7 +34,7 @@ from skipvision.errors import SkipvisionError, UnsupportedModelError
 from skipvision.model import VisionLanguageModel
 from skipvision.recipe import build_recipe, load_recipe
 from skipvision.registry import import_modules, load_entry_point_plugins
-from skipvision.weights.llava import llava_config
+from skipvision.weights.llava import TOWERS, llava_config
 
 MODEL_PREFIX = "model."  # VLMLitModule keeps the VisionLanguageModel under .model
 
@@ -80,9 +80,6 @@ def locate(path: str | Path) -> CheckpointFiles:
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete, missing: {'; '.join(missing)}")
     return files
-
-
-TOWERS = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}  # LLaVA vision_config -> encoder
 
 
 def load_llava_folder(

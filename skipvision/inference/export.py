@@ -43,6 +43,7 @@ from skipvision.model import VisionLanguageModel
 from skipvision.projectors import MLPProjector
 from skipvision.recipe import load_recipe, save_recipe
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS, resolve_spec
+from skipvision.weights.llava import IN_MEMORY_LAYOUT
 from skipvision.weights.strict import load_strict
 
 FORMAT = "skipvision-export"
@@ -179,13 +180,8 @@ def export_llava_hf(
         multimodal_projector_bias=model.projector.bias,
     )
     llava = LlavaForConditionalGeneration(config)
-    renames = (
-        ("encoder.tower.", "model.vision_tower."),
-        ("projector.0.", "model.multi_modal_projector.linear_1."),
-        ("projector.2.", "model.multi_modal_projector.linear_2."),
-        ("backbone.model.", "model.language_model."),
-        ("backbone.lm_head.", "lm_head."),
-    )
+    parts = {"vision": "encoder.tower.", "projector": "projector.", "language": "backbone."}  # ours, per LLaVA part
+    renames = [(parts[part] + ours, theirs) for part, pairs in IN_MEMORY_LAYOUT.items() for theirs, ours in pairs]
     state = {}
     for key, tensor in model.state_dict().items():
         for ours, theirs in renames:

@@ -35,6 +35,8 @@ LAYOUTS = (
         "language": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
     },
 )
+IN_MEMORY_LAYOUT = LAYOUTS[1]  # what LlavaForConditionalGeneration's state dict holds (export writes it)
+TOWERS = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}  # vision_config -> our encoder
 ORIGINAL_PROJECTOR = "model.mm_projector."  # the original LLaVA's stage-1 file: model.mm_projector.0/2.weight
 NESTED_TOWER = "vision_model."  # transformers 4's CLIP/SigLIP towers: vision_tower.vision_model.encoder...
 
