@@ -179,7 +179,10 @@ def build(cfg: DictConfig) -> tuple[VLMLitModule, WebDataModule, Path]:
     run_dir = Path(cfg.output_dir)
     source = prepare_data(cfg)
     tokenizer_dir = run_dir.resolve() / "tokenizer"
-    tokenizer = prepare_tokenizer(load_tokenizer(source), cfg.data.chat_template, cfg.data.system_prompt)
+    if (tokenizer_dir / "tokenizer.json").is_file():  # a resumed run keeps the tokenizer (and template) it saved
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        tokenizer = prepare_tokenizer(load_tokenizer(source), cfg.data.chat_template, cfg.data.system_prompt)
     recipe: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     question_types = declared_question_types(cfg.data, cfg.eval)
     module = VLMLitModule(recipe, str(tokenizer_dir), question_types, tokenizer=tokenizer)
