@@ -53,6 +53,7 @@ class DataConfig:
     max_errors_in_a_row: int = 1000  # skipped samples without one valid batch before the run stops (skip mode)
     resampled: bool = True  # training: endless resampled shards; false: shuffled passes split by rank/worker
     epoch_batches: int | None = None  # training batches per rank per epoch; None: one pass (or endless, resampled)
+    group_by_modality_length: bool = False  # training batches of one modality, similar lengths (docs/data.md)
 
 
 @dataclass

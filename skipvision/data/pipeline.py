@@ -85,8 +85,9 @@ class ErrorPolicy:
 class SampleEncoder:
     """Raw WebDataset sample (``json`` + image fields) -> tokenised sample with image tensors.
 
-    The json holds LLaVA-style ``conversations`` (and optionally ``qtype``); image fields are those with an image
-    extension, in field-name order, so a sample can hold zero, one or several images.
+    The json holds LLaVA-style ``conversations`` (and optionally ``qtype``, and ``system``, which replaces the
+    recipe's system prompt); image fields are those with an image extension, in field-name order, so a sample can
+    hold zero, one or several images.
     """
 
     def __init__(
@@ -120,8 +121,9 @@ class SampleEncoder:
         meta = json.loads(sample["json"])
         image_keys = sorted(k for k in sample if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
         images = [self.transform(_decode_image(sample[k])) for k in image_keys]
+        system = meta.get("system", self.system)  # a sample's own system turn (data llava keeps it) wins
         enc = encode_conversation(
-            self.tokenizer, meta["conversations"], self.num_image_tokens, len(images), self.image_token_id, self.system
+            self.tokenizer, meta["conversations"], self.num_image_tokens, len(images), self.image_token_id, system
         )
         if len(enc.input_ids) > self.max_length:
             raise ValueError(f"{len(enc.input_ids)} tokens, over data.max_length={self.max_length}")
@@ -324,8 +326,12 @@ def build_pipeline(
     start_step: int = 0,
     start_batch: int = 0,
     max_errors_in_a_row: int = 1000,
+    group_by_modality_length: bool = False,
 ) -> wds.DataPipeline | Epochs:
     """The full shard -> batch pipeline; iterate it through a DataLoader with ``batch_size=None``.
+
+    ``group_by_modality_length`` reorders the training stream, ``shuffle_buffer`` samples at a time, into batches
+    of one modality and similar lengths (skipvision/data/grouping.py).
 
     ``start_step`` (the global step a resumed run starts at) reseeds the training stream, so a resumed run does not
     replay the samples of its first steps (module docstring); ``start_batch`` is the batches of the current epoch
@@ -352,11 +358,17 @@ def build_pipeline(
                 "shards differ in length, so ranks would end their epochs at different steps"
             )
         shards = ShardPasses(urls, placement, stream_seed, endless=epoch_batches is not None)
+    grouping = []
+    if group_by_modality_length:
+        from skipvision.data.grouping import GroupByModalityLength  # it imports this module
+
+        grouping.append(GroupByModalityLength(batch_size, shuffle_buffer, stream_seed, placement))
     stages: list[Any] = [
         shards,
         wds.map(check_shard, handler=policy),
         wds.tarfile_to_samples(handler=policy),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=stream_seed),
+        *grouping,
         wds.map(encoder, handler=policy),
         wds.batched(batch_size, collation_fn=collation, partial=False),
     ]

@@ -85,6 +85,7 @@ class WebDataModule(L.LightningDataModule):
             start_step=start_step,
             start_batch=(start_step * accumulate) % self.cfg.epoch_batches if self.cfg.epoch_batches else 0,
             max_errors_in_a_row=self.cfg.max_errors_in_a_row,
+            group_by_modality_length=self.cfg.group_by_modality_length,
         )
         workers = self.cfg.num_workers
         return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
