@@ -50,6 +50,18 @@ def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_skip_run(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step Skip-Vision fit of the tiny recipe (4 retained tokens, 4 skipped), shared by the tests that load a
+    trained run; they must not change it."""
+    from skipvision.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_skip") / "run"
+    skip = ["model.skip.policy={name: attention_score, num_retained: 4}", "model.skip.num_skipped=4"]
+    assert main(["fit", "--recipe", str(TINY_RECIPE), f"data.root={tiny_shapes}", f"output_dir={out}", *skip]) == 0
+    return out
+
+
 @pytest.fixture
 def tiny_overrides(tiny_shapes: Path, tmp_path: Path) -> list[str]:
     """Overrides that point the tiny recipe at the session's dataset and a fresh run folder."""

@@ -19,17 +19,11 @@ from skipvision.inference.checkpoint import CheckpointError, load_model, locate
 from skipvision.lit.module import VLMLitModule
 from skipvision.recipe import load_recipe
 
-from .conftest import TINY_RECIPE
-
-SKIP = ["model.skip.policy={name: attention_score, num_retained: 4}", "model.skip.num_skipped=4"]
-
 
 @pytest.fixture(scope="module")
-def run(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-step Skip-Vision fit of the tiny recipe."""
-    out = tmp_path_factory.mktemp("gen") / "run"
-    assert main(["fit", "--recipe", str(TINY_RECIPE), f"data.root={tiny_shapes}", f"output_dir={out}", *SKIP]) == 0
-    return out
+def run(tiny_skip_run: Path) -> Path:
+    """A 2-step Skip-Vision fit of the tiny recipe (tests/conftest.py)."""
+    return tiny_skip_run
 
 
 @pytest.fixture(scope="module")
