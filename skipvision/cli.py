@@ -1,8 +1,8 @@
 """``python -m skipvision <command>``: thin argument parsing over the library (docs/cli.md).
 
-Commands: fit, validate, slurm, generate, bench, data, list, print-recipe, flops. Each command imports what it needs
-when it runs, so ``--help`` and ``list`` answer without loading torch (scripts/bench_cli_startup.py measures it). Errors
-a user can cause (:class:`~skipvision.errors.SkipvisionError`: bad recipe keys, unknown registry names, missing
+Commands: fit, validate, slurm, generate, eval, bench, data, list, print-recipe, flops. Each command imports what it
+needs when it runs, so ``--help`` and ``list`` answer without loading torch (scripts/bench_cli_startup.py measures it).
+Errors a user can cause (:class:`~skipvision.errors.SkipvisionError`: bad recipe keys, unknown registry names, missing
 files, bad data or requests) print one line and exit with status 2; anything else is a bug and keeps its traceback
 (docs/cli.md "Errors").
 """
@@ -13,7 +13,9 @@ import argparse
 import sys
 
 from skipvision.bench import cli as bench_cli
+from skipvision.data import llava as llava_cli
 from skipvision.errors import SkipvisionError
+from skipvision.eval import cli as eval_cli
 from skipvision.inference import cli as generate_cli
 from skipvision.launch import cli as slurm_cli
 from skipvision.registry import REGISTRIES
@@ -42,6 +44,7 @@ def make_parser() -> argparse.ArgumentParser:
     val.add_argument("--checkpoint", required=True, help="a .ckpt file written by fit")
     slurm_cli.add_parser(sub)
     generate_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
     bench_cli.add_parser(sub)
     _add_recipe_args(sub.add_parser("print-recipe", help="print the resolved recipe"))
     exp = sub.add_parser("export", help="a run's model as a self-contained folder (no Lightning, no base folders)")
@@ -84,6 +87,7 @@ def make_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--train-questions", type=int, help="question turns per training image")
     shapes.add_argument("--train-describe", action="store_true", help="add a caption turn to training images")
     shapes.add_argument("--overwrite", action="store_true")
+    llava_cli.add_parser(data_sub)
     return parser
 
 
@@ -116,6 +120,8 @@ def run(args: argparse.Namespace) -> None:
         bench_cli.run(args)
     elif args.command == "generate":
         generate_cli.run_generate(args)
+    elif args.command == "eval":
+        eval_cli.run_eval_command(args)
     elif args.command == "slurm":
         slurm_cli.run_slurm(args)
     elif args.command == "print-recipe":
@@ -136,6 +142,8 @@ def run(args: argparse.Namespace) -> None:
         from skipvision.paper import flops_table, paper_flops
 
         Console().print(flops_table(paper_flops(args.text_tokens, causal=args.causal)))
+    elif args.command == "data" and args.data_command == "llava":
+        llava_cli.run(args)
     elif args.command == "data":
         from skipvision.data.shapes import generate_shapes
 

@@ -161,6 +161,8 @@ def test_errors_that_are_not_user_errors_keep_their_traceback(tiny_overrides: li
         "skipvision.inference.generator.RequestError",
         "skipvision.inference.checkpoint.CheckpointError",
         "skipvision.inference.generate.PromptTooLongError",
+        "skipvision.eval.data.EvalDataError",
+        "skipvision.eval.cli.EvalArgumentError",
         "skipvision.errors.MissingFileError",
         "skipvision.errors.OutputExistsError",
     ],

@@ -3,6 +3,7 @@ venv that reuses the installed dependencies, and run from another folder without
 
 from __future__ import annotations
 
+import configparser
 import os
 import shutil
 import subprocess
@@ -79,6 +80,21 @@ def test_the_wheel_holds_every_module_recipe_and_preset(wheel: Path) -> None:
     presets = {f"skipvision/presets/{p.relative_to(REPO / 'registry')}" for p in (REPO / "registry").glob("*/*.yaml")}
     assert {n for n in names if not n.startswith("skipvision-")} == modules | recipes | presets
     assert f"\nVersion: {skipvision.__version__}\n" in metadata
+
+
+def test_the_wheel_declares_the_lmms_eval_model_and_its_pinned_extra(wheel: Path) -> None:
+    """``pip install skipvision[lmms-eval]`` installs the lmms-eval version CI tests, and lmms-eval finds the model
+    through this entry point (docs/evaluation.md "lmms-eval"); tests/test_lmms_eval.py runs it with the same entry
+    point, from the checkout's metadata."""
+    with zipfile.ZipFile(wheel) as whl:
+        info = f"skipvision-{skipvision.__version__}.dist-info"
+        metadata = whl.read(f"{info}/METADATA").decode()
+        points = configparser.ConfigParser()
+        points.read_string(whl.read(f"{info}/entry_points.txt").decode())
+    assert dict(points["lmms_eval.models"]) == {"skipvision": "skipvision.integrations:lmms_eval_manifest"}
+    lock = (REPO / "requirements-lmms-eval.lock").read_text().splitlines()
+    [pinned] = [line.replace("_", "-") for line in lock if line.replace("_", "-").startswith("lmms-eval==")]
+    assert f'\nRequires-Dist: {pinned}; extra == "lmms-eval"\n' in metadata
 
 
 def test_installed_list_and_print_recipe_match_the_checkout(installed: Path, outside: Path) -> None:
