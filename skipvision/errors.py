@@ -23,3 +23,8 @@ class MissingFileError(SkipvisionError, FileNotFoundError):
 
 class OutputExistsError(SkipvisionError, FileExistsError):
     """An output folder the user named already holds data that the command would overwrite."""
+
+
+class DataError(SkipvisionError, RuntimeError):
+    """A sample or shard could not be used; the message names the file and the sample (raised by the loader,
+    skipvision/data/pipeline.py, which re-exports it, and by ``data llava`` for input changed since its check)."""

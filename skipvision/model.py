@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from skipvision.data.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from skipvision.data.chat import IGNORE_INDEX
+from skipvision.data.samples import IMAGE_PLACEHOLDER
 from skipvision.data.tokenizer import TokenizerError
 from skipvision.encoders.base import VisionEncoder
 from skipvision.errors import SkipvisionError

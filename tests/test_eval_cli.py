@@ -1,7 +1,7 @@
 """``python -m skipvision eval`` on a tiny trained run and a tiny HF LLaVA folder (docs/evaluation.md): its answers
-are ``VLMGenerator.generate``'s on the same prompts, its metrics the metric functions applied to those answers, its
-files what the docs say; eval sets are read from JSONL or shards; every user error is one line with exit status 2,
-raised before any model loads."""
+are ``VLMGenerator.generate``'s on the same prompts, its metrics per category those counted by hand on hand-written
+answers, its files what the docs say; eval sets are read from JSONL or shards; every user error is one line with
+exit status 2, raised before any model loads."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import torch
 
 from skipvision.cli import main
 from skipvision.data.tokenizer import load_tokenizer
-from skipvision.eval.metrics import choice_letter, pope_answer, vqa_accuracy, yesno_metrics
+from skipvision.eval import runner
+from skipvision.eval.metrics import vqa_accuracy
 from skipvision.inference import GenerationConfig, Request, VLMGenerator
 
 from .processes import REPO, process_env, run_cli
@@ -131,28 +132,137 @@ def test_a_data_folder_is_read_from_its_val_shards(tiny_skip_run: Path, tiny_sha
     assert json.loads((out / "metrics.json").read_text())["settings"]["max_new_tokens"] == 16  # the task's default
 
 
-def test_yesno_and_choice_metrics_are_pope_and_mmbench_rules_on_the_answers(
-    tiny_skip_run: Path, eval_dir: Path, tmp_path: Path
-) -> None:
-    base = ["eval", "--checkpoint", str(tiny_skip_run), "--no-progress", "--max-new-tokens", "3"]
-    assert main([*base, "--data", str(eval_dir / "yesno.jsonl"), "--task", "yesno", "--out", str(tmp_path / "y")]) == 0
-    items, rows = rows_of(eval_dir / "yesno.jsonl"), rows_of(tmp_path / "y" / "predictions.jsonl")
-    assert [r["parsed"] for r in rows] == [pope_answer(r["prediction"]) for r in rows]
-    overall = json.loads((tmp_path / "y" / "metrics.json").read_text())["models"]["run"]["overall"]
-    want = yesno_metrics([r["parsed"] for r in rows], [i["answer"] for i in items])
-    assert overall == {**{k: pytest.approx(v) for k, v in want.items()}, "count": len(items)}
+YESNO = [  # id, category, answer, the model's answer: what POPE reads in it
+    ("r1", "random", "yes", "Yes, there is a dog."),  # yes: TP
+    ("r2", "random", "no", "No."),  # no: TN
+    ("r3", "random", "no", "There is a dog"),  # yes: FP
+    ("p1", "popular", "yes", "There is no dog."),  # no: FN
+    ("p2", "popular", "yes", "Yes. But no cat."),  # yes (only the text before the first period counts): TP
+    ("p3", "popular", "no", "not at all"),  # no: TN
+]
+CHOICE = [  # id, category, choices, answer, the model's answer: the letter read
+    ("c1", "animal", ["cat", "dog", "bird"], "dog", "B"),  # B: right
+    ("c2", "colour", ["red", "green"], "A", "(B) green"),  # B: wrong
+    ("c3", "animal", {"A": "two", "B": "three"}, "three", "It is three."),  # B, by its text: right
+    ("c4", "colour", ["cat", "dog"], "A", "A or B"),  # two letters: unparsed
+    ("c5", "animal", ["sun", "moon"], "moon", "I do not know"),  # unparsed
+]
 
-    assert (
-        main([*base, "--data", str(eval_dir / "choice.jsonl"), "--task", "choice", "--out", str(tmp_path / "c")]) == 0
+
+def test_the_cli_aggregates_yesno_and_choice_answers_per_category_as_computed_by_hand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI's scoring and report path on hand-written answers (the model is replaced: the metric functions have
+    their own tests in tests/test_eval_metrics.py): overall and per-category metrics, counted by hand."""
+    answers = {rid: said for rid, *_, said in YESNO + CHOICE}
+    monkeypatch.setattr(runner.VLMGenerator, "from_checkpoint", lambda *args: None)
+
+    def predict(generator, items, config, batch_size, instruction, advance) -> list[str]:
+        advance(len(items))
+        return [answers[item.id] for item in items]
+
+    monkeypatch.setattr(runner, "predict", predict)
+    (tmp_path / "model").mkdir()
+    base = ["eval", "--checkpoint", str(tmp_path / "model"), "--no-progress"]
+
+    yesno = tmp_path / "yesno.jsonl"
+    yesno.write_text(
+        "".join(json.dumps({"id": i, "category": c, "question": "Dog?", "answer": a}) + "\n" for i, c, a, _ in YESNO)
     )
-    items, rows = rows_of(eval_dir / "choice.jsonl"), rows_of(tmp_path / "c" / "predictions.jsonl")
-    letters = [dict(zip("ABCD", i["choices"], strict=False)) for i in items]
-    parsed = [choice_letter(r["prediction"], options) for r, options in zip(rows, letters, strict=True)]
-    truth = [next(k for k, v in options.items() if v == i["answer"]) for i, options in zip(items, letters, strict=True)]
-    assert [(r["parsed"], r["answer"]) for r in rows] == list(zip(parsed, truth, strict=True))  # answers as letters
-    overall = json.loads((tmp_path / "c" / "metrics.json").read_text())["models"]["run"]["overall"]
-    correct = [p == t for p, t in zip(parsed, truth, strict=True)]
-    assert overall == {"accuracy": pytest.approx(fmean(correct)), "unparsed": parsed.count(None), "count": len(items)}
+    assert main([*base, "--data", str(yesno), "--task", "yesno", "--out", str(tmp_path / "y")]) == 0
+    rows = rows_of(tmp_path / "y" / "predictions.jsonl")
+    assert [(r["id"], r["parsed"], r["score"]) for r in rows] == [
+        ("r1", "yes", 1.0),
+        ("r2", "no", 1.0),
+        ("r3", "yes", 0.0),
+        ("p1", "no", 0.0),
+        ("p2", "yes", 1.0),
+        ("p3", "no", 1.0),
+    ]
+    model = json.loads((tmp_path / "y" / "metrics.json").read_text())["models"]["model"]
+    third, two_thirds = pytest.approx(1 / 3), pytest.approx(2 / 3)
+    assert model["overall"] == {
+        "accuracy": two_thirds,
+        "precision": two_thirds,
+        "recall": two_thirds,
+        "f1": two_thirds,
+        "yes_ratio": 0.5,
+        "tp": 2,
+        "fp": 1,
+        "tn": 2,
+        "fn": 1,
+        "count": 6,
+    }
+    assert model["categories"] == {
+        "popular": {
+            "accuracy": two_thirds,
+            "precision": 1.0,
+            "recall": 0.5,
+            "f1": two_thirds,
+            "yes_ratio": third,
+            "tp": 1,
+            "fp": 0,
+            "tn": 1,
+            "fn": 1,
+            "count": 3,
+        },
+        "random": {
+            "accuracy": two_thirds,
+            "precision": 0.5,
+            "recall": 1.0,
+            "f1": two_thirds,
+            "yes_ratio": two_thirds,
+            "tp": 1,
+            "fp": 1,
+            "tn": 1,
+            "fn": 0,
+            "count": 3,
+        },
+    }
+    table = (tmp_path / "y" / "metrics.md").read_text()
+    for line in (
+        "| overall | yes_ratio | 50.00 |",
+        "| popular | precision | 100.00 |",
+        "| random | recall | 100.00 |",
+        "| random | yes_ratio | 66.67 |",
+        "| popular | count | 3 |",
+    ):
+        assert line + "\n" in table
+    assert table in capsys.readouterr().out
+
+    choice = tmp_path / "choice.jsonl"
+    choice.write_text(
+        "".join(
+            json.dumps({"id": i, "category": c, "question": "Which?", "choices": o, "answer": a}) + "\n"
+            for i, c, o, a, _ in CHOICE
+        )
+    )
+    assert main([*base, "--data", str(choice), "--task", "choice", "--out", str(tmp_path / "c")]) == 0
+    rows = rows_of(tmp_path / "c" / "predictions.jsonl")
+    assert [(r["answer"], r["parsed"], r["score"]) for r in rows] == [
+        ("B", "B", 1.0),
+        ("A", "B", 0.0),
+        ("B", "B", 1.0),
+        ("A", None, 0.0),
+        ("B", None, 0.0),
+    ]
+    model = json.loads((tmp_path / "c" / "metrics.json").read_text())["models"]["model"]
+    assert model["overall"] == {"accuracy": pytest.approx(0.4), "unparsed": 2, "count": 5}
+    assert model["categories"] == {
+        "animal": {"accuracy": two_thirds, "unparsed": 1, "count": 3},
+        "colour": {"accuracy": 0.0, "unparsed": 1, "count": 2},
+    }
+    table = (tmp_path / "c" / "metrics.md").read_text()
+    assert "| overall | accuracy | 40.00 |\n| overall | unparsed | 2 |\n| overall | count | 5 |\n" in table
+    assert "| animal | accuracy | 66.67 |\n| animal | unparsed | 1 |\n" in table
+
+
+def test_a_request_with_its_own_system_prompt_is_rendered_with_it(tiny_skip_run: Path) -> None:
+    """A shard sample's system turn reaches the prompt (tests/test_eval_data.py: it becomes the request's)."""
+    generator = VLMGenerator.from_checkpoint(tiny_skip_run)
+    [own, default] = generator.encode([Request("What colour?", system="Be brief."), Request("What colour?")])
+    assert "Be brief." in generator.tokenizer.decode(own.ids)
+    assert "Be brief." not in generator.tokenizer.decode(default.ids)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,16 @@
 """``skipvision data llava`` on the LLaVA-format fixture (scripts/make_llava_fixture.py): what it rejects and why,
-shards the training loader reads back exactly, byte-identical output after an interruption, and
-``data.group_by_modality_length`` (docs/data.md)."""
+shards the training loader reads back exactly, byte-identical output after an interruption, and the inputs and
+outputs it refuses (docs/data.md; grouping by modality and length: tests/test_grouping.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,18 +21,25 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from skipvision.cli import make_parser
 from skipvision.data.chat import encode_conversation
-from skipvision.data.grouping import GroupByModalityLength
 from skipvision.data.llava import ConvertSettings, Progress, convert_llava
-from skipvision.data.llava_samples import KEPT_FORMATS, REASONS, LlavaInputError
-from skipvision.data.pipeline import IMAGE_EXTENSIONS, SampleEncoder, build_pipeline
+from skipvision.data.llava_samples import (
+    KEPT_FORMATS,
+    REASONS,
+    LlavaInputError,
+    Record,
+    Rejected,
+    build_sample,
+    parse_record,
+)
+from skipvision.data.pipeline import SampleEncoder, build_pipeline
+from skipvision.data.samples import IMAGE_EXTENSIONS, image_keys
 from skipvision.data.shapes import QUESTION_TYPES
 from skipvision.data.tokenizer import IMAGE_TOKEN, load_tokenizer, prepare_tokenizer
 from skipvision.data.views import image_transform
-from skipvision.errors import MissingFileError, OutputExistsError
-from skipvision.recipe import load_recipe
+from skipvision.errors import DataError, MissingFileError, OutputExistsError
 
-from .conftest import TINY_RECIPE
 from .processes import REPO, process_env
 
 SCRIPT = runpy.run_path(str(REPO / "scripts" / "make_llava_fixture.py"))
@@ -72,7 +82,7 @@ def _raw_samples(out: Path) -> dict[str, dict]:
     for shard in meta["train_shards"] + meta["val_shards"]:
         for sample in wds.WebDataset(str(out / shard), shardshuffle=False):
             info = json.loads(sample["json"])
-            images = {k: v for k, v in sample.items() if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS}
+            images = {k: sample[k] for k in image_keys(sample)}
             samples[info["id"]] = {"key": sample["__key__"], "json": info, "images": images}
     return samples
 
@@ -334,16 +344,170 @@ def test_bad_input_files(fixture: dict[str, Path], tmp_path: Path) -> None:
         convert_llava(fixture["json"], tmp_path / "nowhere", out)
     assert not out.exists()
 
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(LlavaInputError, match=r"empty.json holds no records"):
+        convert_llava(tmp_path / "empty.json", images, out)
+    assert not out.exists()
+
+    # Every record rejected: no sample to train on is an error, and the reasons are kept.
     lines = [{"id": "a", "conversations": []}, ["not", "an", "object"], {"id": "c", "conversations": "hi"}]
     (tmp_path / "records.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    meta = convert_llava(tmp_path / "records.jsonl", images, out).meta
-    assert (meta["num_train"], meta["num_val"], meta["rejected"]) == (0, 0, {"bad_record": 2, "no_turns": 1})
+    with pytest.raises(LlavaInputError) as failed:
+        convert_llava(tmp_path / "records.jsonl", images, out)
+    assert str(failed.value) == (
+        "no sample to train on: all 3 records were rejected (bad_record 2, no_turns 1); each is listed with its "
+        f"reason in {out / 'rejected.jsonl'}"
+    )
+    assert not (out / "meta.json").exists()
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert [(r["id"], r["index"], r["line"], r["reason"]) for r in rejected] == [
         ("a", 0, 1, "no_turns"),
         (None, 1, 2, "bad_record"),
         ("c", 2, 3, "bad_record"),
     ]
+
+
+def _small_set(tmp_path: Path, records: list[dict], image_names: tuple[str, ...] = ("red.png",)) -> tuple[Path, Path]:
+    """``records`` as tmp_path/set.json with an images folder holding 8x8 PNGs of ``image_names``."""
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    for name in image_names:
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(images / name)
+    (tmp_path / "set.json").write_text(json.dumps(records))
+    return tmp_path / "set.json", images
+
+
+def _record(rid: str, human: str = "<image>\nWhat colour?", gpt: str = "red", image: str | None = "red.png") -> dict:
+    turns = [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+    return {"id": rid, **({} if image is None else {"image": image}), "conversations": turns}
+
+
+def test_a_placeholder_outside_the_human_turns_is_rejected_naming_the_turn() -> None:
+    answer = _record("a", gpt="It is <image> red.")
+    with pytest.raises(Rejected) as rejected:
+        parse_record(answer)
+    assert (rejected.value.reason, rejected.value.detail) == (
+        "placeholder_mismatch",
+        "turn 1 (gpt) has <image>; only human turns may",
+    )
+    # The system turn's placeholder would otherwise make up the count of a record whose human turn has none.
+    system = _record("s", human="What colour?")
+    system["conversations"].insert(0, {"from": "system", "value": "Look at <image> first."})
+    with pytest.raises(Rejected) as rejected:
+        parse_record(system)
+    assert (rejected.value.reason, rejected.value.detail) == (
+        "placeholder_mismatch",
+        "turn 0 (system) has <image>; only human turns may",
+    )
+    later = _record("l", human="What colour?")
+    later["conversations"] += [{"from": "human", "value": "And now?"}, {"from": "gpt", "value": "<image>"}]
+    with pytest.raises(Rejected, match=r"turn 3 \(gpt\) has <image>"):
+        parse_record(later)
+    assert parse_record(_record("ok", human="What colour?")).turns[0]["value"] == "<image>\nWhat colour?"
+
+
+def test_an_out_folder_that_is_in_or_around_the_input_is_refused_and_nothing_is_deleted(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    json_path, images = _small_set(data, [_record("a")])
+    before = _tree(tmp_path)
+    cases = [
+        (images, f"--out {images} is --images {images}"),
+        (images / "shards", f"--out {images / 'shards'} is inside --images {images}"),
+        (data, f"--out {data} holds --images {images}"),
+        (images / ".." / ".." / "data" / "images", "is --images"),  # the same folder, spelt otherwise
+    ]
+    for out, message in cases:
+        for overwrite in (False, True):
+            with pytest.raises(LlavaInputError, match=re.escape(message)):
+                convert_llava(json_path, images, out, overwrite=overwrite)
+    elsewhere = tmp_path / "other-images"
+    shutil.copytree(images, elsewhere)
+    with pytest.raises(LlavaInputError, match=re.escape(f"--out {data} holds --json {json_path}")):
+        convert_llava(json_path, elsewhere, data, overwrite=True)
+    shutil.rmtree(elsewhere)
+    assert _tree(tmp_path) == before
+
+
+def test_val_never_takes_the_last_accepted_sample(tmp_path: Path) -> None:
+    json_path, images = _small_set(tmp_path, [_record("only"), _record("bad", gpt=" ")])
+    meta = convert_llava(json_path, images, tmp_path / "out", ConvertSettings(val_fraction=0.01)).meta
+    assert (meta["num_train"], meta["num_val"], meta["val_shards"]) == (1, 0, [])
+    json_path, images = _small_set(tmp_path, [_record("a"), _record("b")])
+    meta = convert_llava(json_path, images, tmp_path / "two", ConvertSettings(val_fraction=0.01)).meta
+    assert (meta["num_train"], meta["num_val"]) == (1, 1)  # at least one for val when there are two
+
+
+class _DeleteAtWrite(Progress):
+    """Deletes an image once the check is done, as if the input changed between the check and the write."""
+
+    def __init__(self, image: Path) -> None:
+        self.image = image
+
+    def phase(self, name: str, total: int, done: int = 0) -> None:
+        if name == "train":
+            self.image.unlink()
+
+
+def test_an_image_gone_since_the_check_is_one_data_error_naming_the_record(tmp_path: Path) -> None:
+    records = [_record("a"), _record("b", image="blue.png")]
+    json_path, images = _small_set(tmp_path, records, ("red.png", "blue.png"))
+    settings = ConvertSettings(val_fraction=0.0)
+    for workers in (1, 2):  # from a worker process too: the error travels back to the writer whole
+        out = tmp_path / f"out{workers}"
+        with pytest.raises(DataError) as failed:
+            convert_llava(
+                json_path, images, out, settings, workers=workers, progress=_DeleteAtWrite(images / "blue.png")
+            )
+        assert str(failed.value) == (
+            f"record 1 (id 'b'): blue.png not found under {images.resolve()} (missing_image), but it was readable "
+            "when the input was checked (plan.json): restore the image, or convert again with --overwrite"
+        )
+        assert not (out / "meta.json").exists()
+        Image.new("RGB", (8, 8), (0, 0, 200)).save(images / "blue.png")
+
+    # The CLI prints it on one line, exit status 2: here the image went missing before a resume.
+    (images / "blue.png").unlink()
+    done = _cli(
+        "--json", str(json_path), "--images", str(images), "--out", str(tmp_path / "out1"), "--val-fraction", "0"
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    *bar, error = done.stderr.splitlines()  # the bar's last state, then the error
+    assert [line.split()[0] for line in bar] == ["train"]
+    assert error.startswith("skipvision data: error: record 1 (id 'b'): blue.png not found under ")
+    assert error.endswith("restore the image, or convert again with --overwrite")
+
+
+def test_each_image_is_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PNG and JPEG bytes are kept: only the check decodes them; a BMP is decoded again to be re-encoded."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, fmt in (("a.png", "PNG"), ("b.jpg", "JPEG"), ("c.bmp", "BMP")):
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(images / name, format=fmt)
+    records = [_record(name, image=name) for name in ("a.png", "b.jpg", "c.bmp")]
+    (tmp_path / "set.json").write_text(json.dumps(records))
+    decoded: list[str] = []
+    real = Image._getdecoder
+
+    def counting(mode, decoder_name, *args, **kwargs):
+        decoded.append(decoder_name)
+        return real(mode, decoder_name, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "_getdecoder", counting)
+    convert_llava(tmp_path / "set.json", images, tmp_path / "out", ConvertSettings(val_fraction=0.0))
+    assert sorted(decoded) == ["jpeg", "raw", "raw", "zip"]  # zip: PNG; raw: BMP
+
+
+def test_image_members_keep_their_order_past_1000_images(tmp_path: Path) -> None:
+    count = 1001
+    _, images = _small_set(tmp_path, [])
+    record = _record("many", human="<image>" * count + "How many?", gpt="many", image=None)
+    record["image"] = ["red.png"] * count
+    sample = build_sample(Record(0, None, record), None, str(images))
+    names = image_keys(sample)  # the loader's order
+    assert names[:2] == ["img0000.png", "img0001.png"] and names[-1] == "img1000.png"
+    assert names == [f"img{i:04d}.png" for i in range(count)] and len(names) == count
+    assert image_keys({f"img{i:03d}.png": b"" for i in range(12)}) == [f"img{i:03d}.png" for i in range(12)]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -386,94 +550,23 @@ def test_cli_converts_and_fails_in_one_line(fixture: dict[str, Path], converted:
             [*inputs, "--out", x, "--max-tokens", "10"],
             "--max-tokens needs --tokenizer (tokens are counted with its chat template)",
         ),
+        (
+            [*inputs, "--out", images, "--overwrite"],
+            f"--out {images} is --images {images}; give an output folder outside the input",
+        ),
     ]
     for args, message in failures:
         done = _cli(*args)
         assert (done.returncode, done.stdout, done.stderr) == (2, "", f"skipvision data: error: {message}\n")
     assert _tree(out) == _tree(converted)
+    assert (fixture["images"] / "bmp.bmp").is_file()  # --out on the images deleted nothing
 
 
-def _raw(key: str, length: int, image: bool) -> dict:
-    sample = {"__key__": key, "json": json.dumps({"conversations": [], "length": length}).encode()}
-    return {**sample, "img000.png": b""} if image else sample
-
-
-def _keys(samples) -> list[str]:
-    return [s["__key__"] for s in samples]
-
-
-def test_grouping_sorts_each_round_by_length_within_one_modality() -> None:
-    stream = [
-        _raw(f"i{n}", n, True) if i % 2 == 0 else _raw(f"t{n}", n, False)
-        for i, n in enumerate([5, 4, 1, 8, 7, 2, 3, 6])
-    ]
-    out = _keys(GroupByModalityLength(batch_size=2, buffer=8, seed=0)(iter(stream)))
-    batches = {tuple(out[i : i + 2]) for i in range(0, 8, 2)}
-    assert len(out) == 8 and batches == {("i1", "i3"), ("i5", "i7"), ("t2", "t4"), ("t6", "t8")}
-    assert out == _keys(GroupByModalityLength(batch_size=2, buffer=8, seed=0)(iter(stream)))
-    orders = {tuple(_keys(GroupByModalityLength(2, 8, seed)(iter(stream)))) for seed in range(8)}
-    assert len(orders) > 1  # the batches' order is shuffled by the seed
-
-
-def test_grouping_holds_back_the_newest_and_mixes_only_the_last_leftovers() -> None:
-    # buffer 4: image pool [3, 1, 2] releases its two oldest (1, 3) and keeps 2; the text pool [9] keeps its one.
-    stream = [_raw("i3", 3, True), _raw("i1", 1, True), _raw("i2", 2, True), _raw("t9", 9, False)]
-    stream += [_raw("i0", 0, True), _raw("t5", 5, False), _raw("t4", 4, False)]
-    out = _keys(GroupByModalityLength(batch_size=2, buffer=4, seed=0)(iter(stream)))
-    assert out[:2] == ["i1", "i3"]
-    # End: images [2, 0] -> (i0, i2); texts [9, 5, 4] -> (t5, t9) from the two oldest; leftover t4 last.
-    assert {tuple(out[2:4]), tuple(out[4:6])} == {("i0", "i2"), ("t5", "t9")} and out[6:] == ["t4"]
-
-
-def test_group_by_modality_length_in_the_training_loader(tmp_path: Path, tokenizer) -> None:
-    """12 image and 4 text-only samples with distinct lengths: every batch of 2 is one modality, the batches are
-    the length-sorted pairs, and there are as many batches as without grouping."""
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.new("RGB", (8, 8), (200, 30, 30)).save(images / "red.png")
-    records = [
-        {
-            "id": f"{'i' if n < 12 else 't'}{n}",
-            **({"image": "red.png"} if n < 12 else {}),
-            "conversations": [
-                {"from": "human", "value": "word " * (1 + (n * 7) % 16)},
-                {"from": "gpt", "value": "red"},
-            ],
-        }
-        for n in range(16)
-    ]
-    (tmp_path / "set.json").write_text(json.dumps(records))
-    convert_llava(tmp_path / "set.json", images, tmp_path / "out", ConvertSettings(val_fraction=0.0))
-    urls = [str(p) for p in sorted((tmp_path / "out" / "train").glob("*.tar"))]
-    words = {r["id"]: 1 + (n * 7) % 16 for n, r in enumerate(records)}  # distinct: the sort order is known
-
-    def batches(group: bool) -> list[list[str]]:
-        pipeline = build_pipeline(
-            urls,
-            _encoder(tokenizer),
-            batch_size=2,
-            pad_id=tokenizer.pad_token_id,
-            on_error="raise",
-            training=True,
-            resampled=False,
-            shuffle_buffer=16,
-            group_by_modality_length=group,
-        )
-        ids = {f"{n:09d}": r["id"] for n, r in enumerate(records)}
-        return [[ids[k] for k in batch["keys"]] for batch in pipeline]
-
-    grouped = batches(True)
-    assert len(grouped) == len(batches(False)) == 8
-    expected = set()
-    for kind in "it":
-        ordered = sorted((rid for rid in words if rid[0] == kind), key=words.get)
-        expected |= {tuple(ordered[i : i + 2]) for i in range(0, len(ordered), 2)}
-    assert {tuple(b) for b in grouped} == expected
-
-
-def test_recipe_accepts_group_by_modality_length() -> None:
-    assert load_recipe(TINY_RECIPE).data.group_by_modality_length is False
-    assert load_recipe(TINY_RECIPE, ["data.group_by_modality_length=true"]).data.group_by_modality_length is True
+def test_the_cli_defaults_are_the_settings_defaults() -> None:
+    args = make_parser().parse_args(["data", "llava", "--json", "a.json", "--images", "i", "--out", "o"])
+    assert ConvertSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ConvertSettings)}) == (
+        ConvertSettings()
+    )
 
 
 def test_fixture_script_writes_eval_questions(fixture: dict[str, Path]) -> None:

@@ -1,7 +1,8 @@
 """The lmms-eval model ``skipvision`` against the real lmms-eval (docs/evaluation.md "lmms-eval"), offline: the
 pinned extra's own venv (scripts/venv-run --extra lmms-eval, which CI builds before the tests), the model found
 through the ``lmms_eval.models`` entry point as a pip-installed skipvision declares it, a local task over local
-files, and the answers and the metric compared with ``skipvision eval`` on the same eval set."""
+files, and the answers and the metric compared with ``skipvision eval`` on the same eval set; and the model's
+``--model_args`` as lmms-eval parses them (a policy spec with commas, booleans, several processes refused)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from skipvision.data.tokenizer import load_tokenizer
 from skipvision.eval import ModelSpec, read_eval_set, run_eval
 from skipvision.eval.metrics import exact_match
 
 from .processes import REPO, TESTS, process_env, run_all, run_cli
+from .test_llava_import import clip_processor, tiny_llava
 
 TASK = TESTS / "lmms_tasks" / "skipvision_exact"
 EXTRA = ["bash", str(REPO / "scripts" / "venv-run"), "--extra", "lmms-eval"]
@@ -71,3 +74,61 @@ def test_lmms_eval_answers_and_scores_as_skipvision_eval(
     reported = json.loads(results_file.read_text())["results"]["skipvision_exact"]["exact_match,none"]
     scores = [exact_match(a, [s["target"]]) for a, s in zip(answers, samples, strict=True)]
     assert reported == sum(scores) / len(scores) == ours_metrics["overall"]["accuracy"]
+
+
+MODEL_ARGS = """
+import json, os, sys
+from skipvision.integrations.lmms_eval import LmmsEvalError, SkipVisionLMM, _boolean
+
+folder = sys.argv[1]
+# lmms-eval's own parser, as for --model_args: the spec's commas inside braces stay with it.
+lm = SkipVisionLMM.create_from_arg_string(
+    f"checkpoint={folder},policy={{name: fastv, layer: 1, ratio: 0.5}},drop_kv=false,dtype=float32",
+    {"batch_size": 2, "device": "cpu"},
+)
+policy = lm.generator.model.visual.policy
+out = {
+    "spec": [lm.spec.checkpoint, lm.spec.policy],
+    "loaded": [type(policy).__name__, policy.layer],
+    "drop_kv": lm.drop_kv,
+    "batch_size": lm.batch_size,
+    "booleans": [_boolean("drop_kv", v) for v in (True, False, 1, 0, "TRUE", "false", "1", "0")],
+    "errors": [],
+}
+for args in (f"checkpoint={folder},drop_kv=no", f"checkpoint={folder},drop_kv=off"):
+    try:
+        SkipVisionLMM.create_from_arg_string(args)
+    except LmmsEvalError as err:
+        out["errors"].append(str(err))
+os.environ["WORLD_SIZE"] = "2"
+try:
+    SkipVisionLMM.create_from_arg_string(f"checkpoint={folder}")
+except LmmsEvalError as err:
+    out["errors"].append(str(err))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_model_args_as_lmms_eval_parses_them(tiny_shapes: Path, tmp_path: Path) -> None:
+    """In the extra's venv, with lmms-eval's own ``--model_args`` parser: a policy spec with commas on an HF LLaVA
+    folder, drop_kv=false taken as false and "no"/"off" refused (``bool("no")`` is True), several processes refused."""
+    folder = tmp_path / "llava"
+    tokenizer = load_tokenizer(tiny_shapes / "tokenizer")
+    tiny_llava(tokenizer).save_pretrained(folder)
+    clip_processor().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    run_all([[*EXTRA, "true"]], [tmp_path / "venv.log"], 1200, process_env())  # builds the venv if need be
+    log = tmp_path / "args.log"
+    run_all([[*EXTRA, "python", "-c", MODEL_ARGS, str(folder)]], [log], 300, process_env())
+    [line] = [line for line in log.read_text().splitlines() if line.startswith("RESULT ")]
+    out = json.loads(line.removeprefix("RESULT "))
+    assert out["spec"] == [str(folder), {"name": "fastv", "layer": 1, "ratio": 0.5}]
+    assert out["loaded"] == ["FastV", 1]
+    assert (out["drop_kv"], out["batch_size"]) == (False, 2)
+    assert out["booleans"] == [True, False, True, False, True, False, True, False]
+    assert out["errors"] == [
+        "model_args drop_kv=no: expected true or false (or 1 or 0)",
+        "model_args drop_kv=off: expected true or false (or 1 or 0)",
+        "2 processes (WORLD_SIZE): the skipvision model runs in one process, it does not take part in multi-process "
+        "evaluation; run lmms-eval without accelerate launch or torchrun",
+    ]

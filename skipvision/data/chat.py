@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from skipvision.data.samples import IMAGE_PLACEHOLDER, turn_order_problem
 from skipvision.data.templates import ChatTemplateError, end_of_turn, render
 from skipvision.errors import SkipvisionError
 
 IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "gpt": "assistant"}
 
 
@@ -37,15 +37,13 @@ class EncodedConversation:
 
 
 def _messages(conversations: Sequence[dict[str, str]], system: str | None) -> list[dict[str, str]]:
-    """LLaVA-style ``{from: human|gpt, value}`` turns -> chat messages; they must alternate, human first."""
-    if not conversations or len(conversations) % 2:
-        raise ConversationError(f"expected alternating human/gpt turns, got {len(conversations)} turns")
+    """LLaVA-style ``{from: human|gpt, value}`` turns -> chat messages; they must alternate, human first and gpt
+    last (the rule ``data llava`` checks records by)."""
+    problem = turn_order_problem(conversations)
+    if problem is not None:
+        raise ConversationError(f"expected alternating human/gpt turns, human first and gpt last: {problem}")
     messages = [] if system is None else [{"role": "system", "content": system}]
-    for i, turn in enumerate(conversations):
-        want = "human" if i % 2 == 0 else "gpt"
-        if turn.get("from") != want:
-            raise ConversationError(f"turn {i} must be {want}, got {turn.get('from')}")
-        messages.append({"role": ROLES[want], "content": turn["value"]})
+    messages += [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in conversations]
     return messages
 
 

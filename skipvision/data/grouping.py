@@ -16,14 +16,15 @@ from typing import Any
 
 import webdataset as wds
 
-from skipvision.data.pipeline import IMAGE_EXTENSIONS, Placement, reader_slot
+from skipvision.data.pipeline import Placement, reader_slot
+from skipvision.data.samples import image_keys
 
 Sample = dict[str, Any]
 
 
 def modality(sample: Sample) -> str:
     """``image`` when the raw sample has an image member (the encoder's own test), else ``text``."""
-    return "image" if any(k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS for k in sample) else "text"
+    return "image" if image_keys(sample) else "text"
 
 
 def sort_length(sample: Sample) -> int:

@@ -17,6 +17,7 @@ check is skipped, complete shards are kept, and the output is byte-identical to 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -84,7 +85,7 @@ class ConsoleProgress(Progress):
         self.bar.advance(self.task)
 
     def close(self) -> None:
-        """Stop the bar, if a phase started it (a bar stopped without a start still prints a line); idempotent."""
+        """Stop the bar, if a phase started it (a bar stopped without a start still prints a line)."""
         if self.task is not None:
             self.bar.stop()
             self.task = None
@@ -122,18 +123,31 @@ def add_parser(data_sub: argparse._SubParsersAction) -> None:
     llava.add_argument("--json", required=True, help="LLaVA-Instruct JSON (a list of records), or .jsonl")
     llava.add_argument("--images", required=True, help="the folder the records' image paths are relative to")
     llava.add_argument("--out", required=True, help="output folder: train/*.tar, val/*.tar, meta.json")
+    defaults = ConvertSettings()
     llava.add_argument(
-        "--val-fraction", type=float, default=0.01, help="share of the accepted samples for val (default 0.01)"
+        "--val-fraction",
+        type=float,
+        default=defaults.val_fraction,
+        help="share of the accepted samples for val (default %(default)s)",
     )
-    llava.add_argument("--seed", type=int, default=ConvertSettings.seed, help="sample order and train/val split")
-    llava.add_argument("--shard-bytes", type=byte_size, default="500MB", help="shard size, e.g. 500MB, 2GB")
+    llava.add_argument("--seed", type=int, default=defaults.seed, help="sample order and train/val split")
+    llava.add_argument(
+        "--shard-bytes",
+        type=byte_size,
+        default=defaults.shard_bytes,
+        help="shard size, e.g. 500MB, 2GB (default %(default)s bytes)",
+    )
     llava.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="processes reading the images (default: all CPUs)"
     )
     llava.add_argument("--tokenizer", help="a tokenizer folder: store each sample's num_tokens")
-    llava.add_argument("--chat-template", default="auto", help="as data.chat_template (with --tokenizer)")
+    llava.add_argument(
+        "--chat-template", default=defaults.chat_template, help="as data.chat_template (with --tokenizer)"
+    )
     llava.add_argument("--max-tokens", type=int, help="reject samples with more tokens (needs --tokenizer)")
-    llava.add_argument("--image-tokens", type=int, default=576, help="tokens counted per image (default 576)")
+    llava.add_argument(
+        "--image-tokens", type=int, default=defaults.image_tokens, help="tokens counted per image (default %(default)s)"
+    )
     llava.add_argument("--overwrite", action="store_true", help="replace an output folder that holds other data")
 
 
@@ -142,21 +156,19 @@ def run(args: argparse.Namespace) -> None:
     settings = ConvertSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ConvertSettings)})
     progress = ConsoleProgress()
     try:
-        summary = convert_llava(
-            args.json,
-            args.images,
-            args.out,
-            settings,
-            workers=args.workers,
-            overwrite=args.overwrite,
-            progress=progress,
-        )
+        with contextlib.closing(progress):  # the bar stops before any message, which it would draw over
+            summary = convert_llava(
+                args.json,
+                args.images,
+                args.out,
+                settings,
+                workers=args.workers,
+                overwrite=args.overwrite,
+                progress=progress,
+            )
     except KeyboardInterrupt:
-        progress.close()
         print("interrupted; the same command resumes where this one stopped (docs/data.md)", file=sys.stderr)
         raise SystemExit(130) from None
-    finally:
-        progress.close()
     print(summary_line(summary, Path(args.out)))
 
 
@@ -179,6 +191,19 @@ def _check_settings(settings: ConvertSettings) -> None:
         raise LlavaInputError("--image-tokens must be at least 0 and --max-tokens at least 1")
     if settings.tokenizer is not None and not (Path(settings.tokenizer) / "tokenizer.json").is_file():
         raise MissingFileError(f"--tokenizer {settings.tokenizer}: no tokenizer.json there")
+
+
+def _check_apart(json_path: Path, images: Path, out: Path) -> None:
+    """``--out`` must be a folder of its own, apart from the input (paths compared resolved, so links and ``..`` are
+    seen through): a conversion writes into it and ``--overwrite`` empties it, which would delete the input."""
+    resolved, inputs = out.resolve(), images.resolve()
+    if resolved == inputs or inputs in resolved.parents:
+        where = "is" if resolved == inputs else "is inside"
+        raise LlavaInputError(f"--out {out} {where} --images {images}; give an output folder outside the input")
+    if resolved in inputs.parents:
+        raise LlavaInputError(f"--out {out} holds --images {images}; give an output folder outside the input")
+    if resolved in json_path.resolve().parents:
+        raise LlavaInputError(f"--out {out} holds --json {json_path}; give an output folder outside the input")
 
 
 def _sha256(path: Path) -> str:
@@ -236,12 +261,13 @@ def _prepare_out(out: Path, header: dict[str, Any], overwrite: bool) -> dict[str
 
 
 def _plan(records: list[Record], verdicts: list[Verdict], header: dict[str, Any]) -> dict[str, Any]:
-    """Accepted records shuffled with the seed, the first ``val_fraction`` of them (at least one when it is above
-    0) for val; a split entry is ``[record index, num_tokens]``. Rejected records keep their input order."""
+    """Accepted records shuffled with the seed, the first ``val_fraction`` of them for val (at least one when it is
+    above 0, and never the last one: train keeps at least one); a split entry is ``[record index, num_tokens]``.
+    Rejected records keep their input order."""
     fraction = header["settings"]["val_fraction"]
     accepted = [[v.index, v.num_tokens] for v in verdicts if v.reason is None]
     random.Random(header["settings"]["seed"]).shuffle(accepted)
-    num_val = min(len(accepted), max(1, round(fraction * len(accepted)))) if fraction else 0
+    num_val = min(len(accepted) - 1, max(1, round(fraction * len(accepted)))) if fraction and accepted else 0
     rejected = []
     for v in (v for v in verdicts if v.reason is not None):
         record = records[v.index]
@@ -291,8 +317,11 @@ def convert_llava(
     if not images.is_dir():
         raise MissingFileError(f"--images {images}: no such folder")
     _check_settings(settings)
+    _check_apart(json_path, images, out)
     header = _header(json_path, images, settings)
     records = samples.read_records(json_path)
+    if not records:
+        raise LlavaInputError(f"{json_path} holds no records")
     plan = _prepare_out(out, header, overwrite)
     source, recorded = header["source"], header["settings"]
     check = CheckSettings(
@@ -309,6 +338,14 @@ def convert_llava(
                 progress.advance()
             plan = _plan(records, verdicts, header)
             write_atomic(out / PLAN, json.dumps(plan) + "\n")
+        if not plan["train"]:  # every record rejected: say why, and keep the reasons
+            write_atomic(out / REJECTED, "".join(json.dumps(r) + "\n" for r in plan["rejected"]))
+            reasons = Counter(r["reason"] for r in plan["rejected"])
+            counts = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+            raise LlavaInputError(
+                f"no sample to train on: all {len(records)} records were rejected ({counts}); each is listed with "
+                f"its reason in {out / REJECTED}"
+            )
         for split in SPLITS:
             entries = [(records[index], tokens) for index, tokens in plan[split]]
             if not entries:  # no val shards with --val-fraction 0

@@ -2,17 +2,18 @@
 the WebDataset sample the training loader reads (docs/data.md "Converting LLaVA data").
 
 A record is ``{"id", "image": PATH or [PATH, ...] (optional), "conversations": [{"from", "value"}, ...]}``: an
-optional first ``system`` turn, then human/gpt turns alternating, human first and gpt last. Checking is pure: the
-same record and settings give the same verdict in any process, so the converter can check in parallel and still
-write byte-identical output. A record that cannot be used is *rejected* with one of :data:`REASONS` and a detail;
-only a file that is not LLaVA JSON at all stops the conversion (:class:`LlavaInputError`).
+optional first ``system`` turn, then human/gpt turns alternating, human first and gpt last, with one ``<image>``
+placeholder per image in its human turns (and none elsewhere). Checking is pure: the same record and settings give
+the same verdict in any process, so the converter can check in parallel and still write byte-identical output. A
+record that cannot be used is *rejected* with one of :data:`REASONS` and a detail; only a file that is not LLaVA
+JSON at all stops the conversion (:class:`LlavaInputError`).
 
 The sample's json keeps the conversation as the loader encodes it (a single image without ``<image>`` gets
 ``<image>\\n`` prepended to the first human turn, as LLaVA does; a system turn moves to ``system``) plus the
 original ``id`` and image paths, ``modality`` (image or text), ``length`` (the words of its human and gpt
 turns, LLaVA's ``modality_lengths``) and, when a tokenizer is given, ``num_tokens``. Images keep their bytes when
 they are JPEG, PNG or WebP (the loader reads those members); any other format PIL reads is re-encoded losslessly as
-PNG.
+PNG. The check decodes every image; building a sample reads a kept format's header only.
 """
 
 from __future__ import annotations
@@ -25,25 +26,25 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from skipvision.data.samples import IMAGE_PLACEHOLDER, image_member, turn_order_problem
 from skipvision.errors import SkipvisionError
 
 if TYPE_CHECKING:  # the CLI's parser is built without transformers (docs/cli.md "Startup")
     from transformers import PreTrainedTokenizerBase
 
-IMAGE_PLACEHOLDER = "<image>"  # skipvision.data.chat.IMAGE_PLACEHOLDER, without importing transformers
 # Why a record is rejected (rejected.jsonl's ``reason``), in the order the checks run.
 REASONS = (
     "bad_record",  # not an object; an image that is not a path; a turn without a string from/value
     "no_turns",  # no conversations, or only a system turn
     "bad_turn_order",  # not human/gpt alternating, human first and gpt last (a system turn only first)
     "empty_answer",  # a gpt turn with no text
-    "placeholder_mismatch",  # <image> placeholders != images (after prepending one to a single image)
+    "placeholder_mismatch",  # <image> in a gpt or system turn; human turns' placeholders != images
     "missing_image",  # an image file that does not exist under --images
     "unreadable_image",  # PIL cannot decode it: not an image, truncated, corrupt, a decompression bomb
     "unencodable",  # the chat template refuses the conversation (e.g. a system turn it does not support)
     "too_long",  # more tokens than --max-tokens
 )
-# Formats whose bytes are kept, with their member extension (all in skipvision.data.pipeline.IMAGE_EXTENSIONS);
+# Formats whose bytes are kept, with their member extension (all in skipvision.data.samples.IMAGE_EXTENSIONS);
 # MPO is a JPEG with extra frames that PIL reports as its own format.
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")  # modes PIL writes to PNG as they are
@@ -156,16 +157,18 @@ def parse_record(data: Any) -> Conversation:
     chat = [{"from": t["from"], "value": t["value"]} for t in turns[offset:]]
     if not chat:
         raise Rejected("no_turns", "only a system turn")
-    for i, turn in enumerate(chat):
-        want = "human" if i % 2 == 0 else "gpt"
-        if turn["from"] != want:
-            raise Rejected("bad_turn_order", f"turn {i + offset} is {turn['from']!r}, expected {want!r}")
-    if len(chat) % 2:
-        raise Rejected("bad_turn_order", f"the last turn ({len(turns) - 1}) is 'human', expected 'gpt'")
+    problem = turn_order_problem(chat, offset)
+    if problem is not None:
+        raise Rejected("bad_turn_order", problem)
     for i, turn in enumerate(chat):
         if turn["from"] == "gpt" and not turn["value"].strip():
             raise Rejected("empty_answer", f"turn {i + offset} (gpt) is empty")
-    placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+    for i, turn in enumerate(turns):  # an image in an answer or the system prompt would train on the wrong text
+        if turn["from"] != "human" and IMAGE_PLACEHOLDER in turn["value"]:
+            raise Rejected(
+                "placeholder_mismatch", f"turn {i} ({turn['from']}) has {IMAGE_PLACEHOLDER}; only human turns may"
+            )
+    placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in chat)
     if placeholders == 0 and len(images) == 1:
         chat[0]["value"] = f"{IMAGE_PLACEHOLDER}\n{chat[0]['value']}"
         placeholders = 1
@@ -176,18 +179,24 @@ def parse_record(data: Any) -> Conversation:
     return Conversation(data.get("id"), images, chat, system)
 
 
-def _open_image(folder: Path, relative: str) -> tuple[bytes, Image.Image]:
-    """The file's bytes and the decoded image; :class:`Rejected` when it is missing or PIL cannot decode it."""
+def _read_image(folder: Path, relative: str) -> bytes:
+    """The image file's bytes; :class:`Rejected` when it is missing."""
     path = folder / relative
     if not path.is_file():
         raise Rejected("missing_image", f"{relative} not found under {folder}")
-    data = path.read_bytes()
+    return path.read_bytes()
+
+
+def _open_image(relative: str, data: bytes, decode: bool) -> Image.Image:
+    """The image of ``data``: its header read, and with ``decode`` its pixels too (what finds a truncated or corrupt
+    file); :class:`Rejected` when PIL cannot."""
     try:
         image = Image.open(io.BytesIO(data))  # not closed: a closed image cannot be re-encoded; no file is held
-        image.load()
+        if decode:
+            image.load()
     except Exception as err:  # PIL reports bad files with many exception types (OSError, SyntaxError, ...)
         raise Rejected("unreadable_image", f"{relative}: {type(err).__name__}: {err}") from None
-    return data, image
+    return image
 
 
 class Checker:
@@ -210,7 +219,7 @@ class Checker:
         try:
             conversation = parse_record(record.data)
             for relative in conversation.images:
-                _open_image(Path(self.settings.images), relative)
+                _open_image(relative, _read_image(Path(self.settings.images), relative), decode=True)
             tokens = None if self.settings.tokenizer is None else self._count_tokens(conversation)
         except Rejected as rejected:
             return Verdict(record.index, reason=rejected.reason, detail=rejected.detail)
@@ -240,11 +249,14 @@ class Checker:
         return count
 
 
-def _member(data: bytes, image: Image.Image) -> tuple[str, bytes]:
-    """(extension, bytes) of one image member: the original bytes for a kept format, else lossless PNG (the first
-    frame of an animation; a mode PNG cannot hold, such as CMYK, becomes RGB as the loader would make it)."""
+def _member(relative: str, data: bytes) -> tuple[str, bytes]:
+    """(extension, bytes) of one image member, for an image the check decoded: the original bytes for a kept
+    format (found from the header, with no second decode), else lossless PNG (the first frame of an animation; a
+    mode PNG cannot hold, such as CMYK, becomes RGB as the loader would make it)."""
+    image = _open_image(relative, data, decode=False)
     if image.format in KEPT_FORMATS:
         return KEPT_FORMATS[image.format], data
+    image = _open_image(relative, data, decode=True)
     if image.mode not in PNG_MODES:
         image = image.convert("RGB")
     out = io.BytesIO()
@@ -259,7 +271,8 @@ def sample_key(index: int) -> str:
 
 def build_sample(record: Record, num_tokens: int | None, images: str) -> dict[str, Any]:
     """The WebDataset sample of an accepted record: ``json`` and ``img000.<ext>``, ``img001.<ext>``, ... in
-    placeholder order (the loader takes image members in sorted name order)."""
+    placeholder order (the loader takes image members in sorted name order; :func:`image_member` widens the
+    numbers from 1000 images on). Raises :class:`Rejected` when an image is gone or unreadable since the check."""
     conversation = parse_record(record.data)
     meta: dict[str, Any] = {
         "id": conversation.id,
@@ -274,6 +287,6 @@ def build_sample(record: Record, num_tokens: int | None, images: str) -> dict[st
         meta["num_tokens"] = num_tokens
     sample: dict[str, Any] = {"__key__": sample_key(record.index), "json": json.dumps(meta, sort_keys=True).encode()}
     for i, relative in enumerate(conversation.images):
-        extension, data = _member(*_open_image(Path(images), relative))
-        sample[f"img{i:03d}.{extension}"] = data
+        extension, data = _member(relative, _read_image(Path(images), relative))
+        sample[image_member(i, len(conversation.images), extension)] = data
     return sample

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from skipvision.data import llava_samples as samples
 from skipvision.data.llava_samples import CheckSettings, Record, Verdict
+from skipvision.errors import DataError
 
 if TYPE_CHECKING:
     from skipvision.data.llava import Progress
@@ -55,7 +56,19 @@ def _check(record: Record) -> Verdict:
 
 
 def _build(job: tuple[Record, int | None, str]) -> dict[str, Any]:
-    return samples.build_sample(*job)
+    """The sample of a planned record; an image gone or unreadable since the check (an input changed between the
+    check and the write, or before a resume) is one line naming the record and the image."""
+    record, num_tokens, images = job
+    try:
+        return samples.build_sample(record, num_tokens, images)
+    except samples.Rejected as err:
+        rid = record.data.get("id") if isinstance(record.data, dict) else None
+        named = ([] if rid is None else [f"id {rid!r}"]) + ([] if record.line is None else [f"line {record.line}"])
+        where = ", ".join(named)
+        raise DataError(
+            f"record {record.index}{f' ({where})' if where else ''}: {err.detail} ({err.reason}), but it was "
+            "readable when the input was checked (plan.json): restore the image, or convert again with --overwrite"
+        ) from None
 
 
 def _apply(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:

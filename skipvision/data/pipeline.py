@@ -39,14 +39,10 @@ from transformers import PreTrainedTokenizerBase
 
 from skipvision.data.chat import IGNORE_INDEX, encode_conversation
 from skipvision.data.collate import collate
-from skipvision.errors import SkipvisionError
+from skipvision.data.samples import image_keys
+from skipvision.errors import DataError
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-
-
-class DataError(SkipvisionError, RuntimeError):
-    """A sample or shard could not be used; the message names the file and the sample."""
 
 
 class ErrorPolicy:
@@ -119,8 +115,7 @@ class SampleEncoder:
         if "json" not in sample:
             raise KeyError(f"no 'json' field (fields: {sorted(k for k in sample if not k.startswith('__'))})")
         meta = json.loads(sample["json"])
-        image_keys = sorted(k for k in sample if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
-        images = [self.transform(_decode_image(sample[k])) for k in image_keys]
+        images = [self.transform(_decode_image(sample[k])) for k in image_keys(sample)]
         system = meta.get("system", self.system)  # a sample's own system turn (data llava keeps it) wins
         enc = encode_conversation(
             self.tokenizer, meta["conversations"], self.num_image_tokens, len(images), self.image_token_id, system

@@ -1,9 +1,9 @@
 """Eval sets: a JSONL file, or WebDataset shards in the training data's layout (docs/evaluation.md "Eval sets").
 
 Every item is read and checked for the task before a model loads, so a set with a missing answer, an image that is
-not there or a label the task cannot use fails at once, in one line naming the file and line (or the shard and the
-sample), instead of after an hour of generation. Importing this module is cheap (the CLI's parser imports it
-indirectly); shards are read through webdataset, imported when a set is read.
+not there or not an image, or a label the task cannot use fails at once, in one line naming the file and line (or
+the shard and the sample), instead of after an hour of generation. Importing this module is cheap (the CLI's
+parser imports it indirectly); shards are read through webdataset, imported when a set is read.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from skipvision.data.samples import IMAGE_PLACEHOLDER, image_keys
 from skipvision.errors import MissingFileError, SkipvisionError
 from skipvision.eval.metrics import normalise_exact, option_letters
-
-IMAGE_PLACEHOLDER = "<image>"  # as skipvision/data/chat.py (which imports transformers)
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # as skipvision/data/pipeline.py (which imports torch)
 
 
 class EvalDataError(SkipvisionError, ValueError):
@@ -38,6 +38,7 @@ class EvalItem:
     category: str | None = None
     image: Path | bytes | None = None  # an image file, an image file's bytes (from a shard), or none
     source: str = ""  # where the item was read ("file.jsonl:3", "shard.tar: sample key"), named in errors
+    system: str | None = None  # the item's own system prompt (a shard sample's ``system``); None: the model's
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -93,13 +94,25 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[dict[str, Any], str, Path | None]]
                 image = path.parent / image
                 if not image.is_file():
                     raise EvalDataError(f"{source}: no image at {image}")
+                _verify_image(image, source)
             yield {**row, "id": str(row.get("id", number))}, source, image
 
 
+def _verify_image(path: Path, source: str) -> None:
+    """PIL's check of an image file without decoding it (its format, structure and, for PNG, checksums), so that a
+    file that is not an image or is damaged fails here rather than in the middle of generation."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # PIL reports bad files with many exception types (OSError, SyntaxError, ...)
+        raise EvalDataError(f"{source}: cannot read the image {path} ({type(err).__name__}: {err})") from None
+
+
 def _shard_rows(shards: list[str]) -> Iterator[tuple[dict[str, Any], str, bytes | None]]:
-    """Items of the training data's samples: the question is the last human turn, the answer the last gpt turn
-    (``answers``, ``choices``, ``category``/``qtype`` and ``id`` from the json when present), the image the sample's
-    image member."""
+    """Items of the training data's samples, one question each: the human turn is the question, the gpt turn the
+    answer, the json's ``system`` the item's system prompt (``answers``, ``choices``, ``category``/``qtype`` and
+    ``id`` from the json when present), the image the sample's image member. A multi-turn sample is refused: its
+    earlier turns would be lost."""
     import webdataset as wds
 
     from skipvision.data.pipeline import check_shard
@@ -110,14 +123,19 @@ def _shard_rows(shards: list[str]) -> Iterator[tuple[dict[str, Any], str, bytes 
         if "json" not in sample:
             raise EvalDataError(f"{source}: no json member")
         meta = json.loads(sample["json"])
-        images = sorted(k for k in sample if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+        images = image_keys(sample)
         if len(images) > 1:
             raise EvalDataError(f"{source}: {len(images)} images; an eval item has at most one")
         turns = meta.get("conversations") or []
         humans = [t.get("value") for t in turns if t.get("from") == "human"]
         gpts = [t.get("value") for t in turns if t.get("from") == "gpt"]
+        if len(humans) > 1:
+            raise EvalDataError(
+                f"{source}: {len(humans)} questions in one conversation; an eval item is one question (write each "
+                "as an item of its own, e.g. a JSONL set, with the earlier turns in its question if it needs them)"
+            )
         row = {
-            **{k: meta[k] for k in ("answers", "choices") if k in meta},
+            **{k: meta[k] for k in ("answers", "choices", "system") if k in meta},
             "id": str(meta.get("id", sample["__key__"])),
             "question": humans[-1] if humans else None,
             "answer": gpts[-1] if gpts else None,
@@ -147,6 +165,9 @@ def check_item(row: Mapping[str, Any], task: str, source: str, image: Path | byt
     if not isinstance(answer, str) or not answer.strip():
         raise EvalDataError(f'{source}: no answer (give "answer", a non-empty string, or "answers", a list)')
     category = row.get("category")
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise EvalDataError(f'{source}: "system" is a string, got {system!r}')
     options = None
     if task == "choice":
         options, answer = _choice(row.get("choices"), answer, source)
@@ -163,6 +184,7 @@ def check_item(row: Mapping[str, Any], task: str, source: str, image: Path | byt
         category=None if category is None else str(category),
         image=image,
         source=source,
+        system=system,
     )
 
 

@@ -1,7 +1,8 @@
 """The benchmarks' metrics as small pure functions on strings (docs/evaluation.md "Metrics").
 
 - VQA soft accuracy with the VQA evaluator's answer normalisation (:func:`normalise_vqa`, :func:`vqa_accuracy`);
-- multiple-choice letter extraction as MMBench does it before asking an LLM judge (:func:`choice_letter`);
+- multiple-choice letter extraction by MMBench's rules before its LLM judge (VLMEvalKit's ``can_infer_option``, then
+  ``can_infer_text``: :func:`choice_letter`); not ScienceQA's reading in LLaVA and lmms-eval, which differs;
 - POPE's yes/no reading of a free-form answer and its binary metrics (:func:`pope_answer`, :func:`yesno_metrics`);
 - exact match after light normalisation (:func:`normalise_exact`);
 - corpus BLEU-4 and chrF++ of captions through torchmetrics (:func:`caption_metrics`).
@@ -111,7 +112,9 @@ def option_letters(choices: Sequence[str] | Mapping[str, str]) -> dict[str, str]
 
 
 def choice_letter(prediction: str, options: Mapping[str, str]) -> str | None:
-    """The option a free-form answer picks, as MMBench reads it before its LLM judge; None when it cannot tell.
+    """The option a free-form answer picks, by MMBench's rules before its LLM judge (VLMEvalKit's
+    ``can_infer_option``, then ``can_infer_text``, without their refusal phrases and option Z); None when it cannot
+    tell.
 
     1. The letter: ``.()[],:;!*#{}`` become spaces and the text is split on whitespace; when exactly one option
        letter is among the words, it is the answer ("B", "B.", "(B)", "The answer is B", "B. a cat").

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import io
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from rich.text import Text
 
 from skipvision.eval.data import EvalDataError, EvalItem
 from skipvision.eval.scoring import MAX_NEW_TOKENS, Scored, score
-from skipvision.inference.generator import Request, RequestError, VLMGenerator
+from skipvision.inference.generator import Request, RequestError, VLMGenerator, name_request
 from skipvision.inference.sampling import GenerationConfig
 
 
@@ -69,7 +68,8 @@ def eval_prompt(item: EvalItem, instruction: str | None = None) -> str:
 
 
 def eval_request(item: EvalItem, instruction: str | None = None) -> Request:
-    """The generation request of an item: :func:`eval_prompt` and its image (a shard's bytes decoded here)."""
+    """The generation request of an item: :func:`eval_prompt`, its image (a shard's bytes decoded here) and its own
+    system prompt, if it has one (else the model's)."""
     image: Any = item.image
     if isinstance(image, bytes):
         try:
@@ -77,7 +77,7 @@ def eval_request(item: EvalItem, instruction: str | None = None) -> Request:
                 image = img.convert("RGB")
         except (UnidentifiedImageError, OSError) as err:
             raise EvalDataError(f"{item.source}: cannot read the image ({err})") from None
-    return Request(eval_prompt(item, instruction), image)
+    return Request(eval_prompt(item, instruction), image, item.system)
 
 
 def generation_config(task: str, max_new_tokens: int | None = None, drop_kv: bool = True) -> GenerationConfig:
@@ -102,21 +102,11 @@ def predict(
         try:
             generations = generator.generate(requests, config, batch_size)
         except RequestError as err:
-            raise _named(generator, chunk, requests, err) from None
+            raise EvalDataError(name_request(err, [item.source for item in chunk])) from None
         texts += [g.text or "" for g in generations]
         if advance is not None:
             advance(len(chunk))
     return texts
-
-
-def _named(generator: VLMGenerator, chunk: Sequence[EvalItem], requests: list[Request], err: RequestError) -> Exception:
-    """The error of a failed batch, naming the item that causes it (found by encoding the requests one by one)."""
-    for item, request in zip(chunk, requests, strict=True):
-        try:
-            generator.encode([request])
-        except RequestError as own:
-            return EvalDataError(f"{item.source}: {re.sub(r'^request 0:? ', '', str(own))}")
-    return err
 
 
 class Throughput(ProgressColumn):

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import PreTrainedTokenizerBase
 
-from skipvision.data.chat import IMAGE_PLACEHOLDER
+from skipvision.data.samples import IMAGE_PLACEHOLDER
 from skipvision.data.tokenizer import load_tokenizer, prepare_tokenizer
 from skipvision.errors import SkipvisionError, UnsupportedModelError
 from skipvision.model import VisionLanguageModel

@@ -34,7 +34,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from skipvision.data.chat import IMAGE_PLACEHOLDER
+from skipvision.data.samples import IMAGE_PLACEHOLDER
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.encoders.hf_vision import HFVisionTower
 from skipvision.errors import OutputExistsError, UnsupportedModelError

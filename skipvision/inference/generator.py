@@ -14,6 +14,7 @@ prompt longer than the model's context fails naming the request.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +36,28 @@ from skipvision.model import VisionLanguageModel
 
 
 class RequestError(SkipvisionError, ValueError):
-    """A request cannot be run (unreadable image, placeholder count, prompt too long); names the request."""
+    """A request cannot be run (unreadable image, placeholder count, prompt too long); names the request by its
+    index in the list given ("request 3: ...", or "request 3 has ..." for a prompt too long)."""
+
+
+_REQUEST = re.compile(r"request (\d+)(:?) ")
+
+
+def name_request(err: RequestError, names: Sequence[str]) -> str:
+    """``err``'s message with the request it names by index named by ``names[index]`` instead ("request 3: cannot
+    read image ..." -> "eval.jsonl:4: cannot read image ...", "request 3 has ..." -> "eval.jsonl:4: the prompt
+    has ..."); the message as it is when it names none."""
+    found = _REQUEST.match(str(err))
+    if found is None or int(found[1]) >= len(names):
+        return str(err)
+    return f"{names[int(found[1])]}: {'' if found[2] else 'the prompt '}{str(err)[found.end() :]}"
 
 
 @dataclass
 class Request:
     prompt: str  # the user message; ``<image>`` marks where the image goes (prepended when absent)
     image: str | Path | Image.Image | None = None
+    system: str | None = None  # this request's system prompt; None: the generator's (its run's data.system_prompt)
 
 
 @dataclass
@@ -91,7 +107,7 @@ class VLMGenerator:
                     self.model.num_image_tokens,
                     0 if pixels is None else 1,
                     self.model.image_token_id,
-                    self.system,
+                    self.system if req.system is None else req.system,
                 )
             except (ConversationError, FileNotFoundError, ValueError) as err:
                 raise RequestError(f"request {i}: {err}") from err

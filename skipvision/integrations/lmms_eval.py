@@ -11,12 +11,14 @@ Requests run in lmms-eval's order, ``batch_size`` at a time (images are opened o
 generation settings.
 
 Only ``generate_until`` is implemented: scoring answers by likelihood (``loglikelihood``) and multi-round dialogue
-fail with an error that names the alternative. One process evaluates every document (no data parallelism).
+fail with an error that names the alternative. One process evaluates every document: several processes
+(``accelerate launch``, ``torchrun``: ``WORLD_SIZE`` above 1) are refused, since the model does not take part in
+lmms-eval's multi-process evaluation (it has no ``accelerator`` to synchronise with).
 """
 
 from __future__ import annotations
 
-import re
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,12 +33,14 @@ from skipvision.errors import SkipvisionError
 from skipvision.eval.cli import check_models
 from skipvision.eval.runner import ModelSpec
 from skipvision.inference.cli import DTYPES, policy_spec
-from skipvision.inference.generator import Request, RequestError, VLMGenerator
+from skipvision.inference.generator import Request, RequestError, VLMGenerator, name_request
 from skipvision.inference.sampling import GenerationConfig
 
 # lmms-eval's own models' budget for a task whose generation_kwargs set no max_new_tokens.
 DEFAULT_MAX_NEW_TOKENS = 1024
 CLI_SETTINGS = ("batch_size", "device")  # what lmms-eval's --batch_size and --device pass, unless model_args do
+# The values of a boolean model argument: lmms-eval turns "true"/"false" into bools and "1"/"0" into ints.
+BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 
 
 class LmmsEvalError(SkipvisionError, ValueError):
@@ -62,18 +66,26 @@ class SkipVisionLMM(lmms):
         device: str | None = None,
         dtype: str = "float32",
         max_new_tokens: int | None = None,
-        drop_kv: bool = True,
+        drop_kv: bool | int | str = True,
     ) -> None:
         super().__init__()
+        processes = _processes()
+        if processes > 1:
+            raise LmmsEvalError(
+                f"{processes} processes (WORLD_SIZE): the skipvision model runs in one process, it does not take "
+                "part in multi-process evaluation; run lmms-eval without accelerate launch or torchrun"
+            )
         if dtype not in DTYPES:
             raise LmmsEvalError(f"model_args dtype={dtype}: expected one of {', '.join(DTYPES)}")
         self.batch_size = _positive("batch_size", batch_size)
         self.max_new_tokens = None if max_new_tokens is None else _positive("max_new_tokens", max_new_tokens)
-        self.drop_kv = bool(drop_kv)
-        spec = ModelSpec("skipvision", str(checkpoint), None if policy is None else policy_spec(str(policy)))
-        check_models([spec])  # a missing checkpoint or a policy on a trained run: the eval command's one line
+        self.drop_kv = _boolean("drop_kv", drop_kv)
+        self.spec = ModelSpec("skipvision", str(checkpoint), None if policy is None else policy_spec(str(policy)))
+        check_models([self.spec])  # a missing checkpoint or a policy on a trained run: the eval command's one line
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.generator = VLMGenerator.from_checkpoint(spec.checkpoint, device, getattr(torch, dtype), spec.skip)
+        self.generator = VLMGenerator.from_checkpoint(
+            self.spec.checkpoint, device, getattr(torch, dtype), self.spec.skip
+        )
 
     @classmethod
     def create_from_arg_string(
@@ -120,7 +132,8 @@ class SkipVisionLMM(lmms):
         try:
             generations = self.generator.generate(requests, config, self.batch_size)
         except RequestError as err:
-            raise _named(batch, err) from None
+            names = [f"task {instance.task_name} doc {instance.doc_id}" for instance in batch]
+            raise LmmsEvalError(name_request(err, names)) from None
         texts = [g.text or "" for g in generations]
         for instance, text in zip(batch, texts, strict=True):
             self.cache_hook.add_partial("generate_until", instance.args[:2], text)
@@ -158,10 +171,23 @@ def _positive(name: str, value: int | str) -> int:
     return number
 
 
-def _named(batch: Sequence[Instance], err: RequestError) -> LmmsEvalError:
-    """The error of a failed batch, naming the document (the generator names the request by its index)."""
-    found = re.match(r"request (\d+):? ", str(err))
+def _processes() -> int:
+    """How many processes this one runs among: ``WORLD_SIZE``, which ``accelerate launch`` and ``torchrun`` set
+    (lmms-eval's Accelerator reads it too), or an initialised process group's size."""
+    try:
+        processes = int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        processes = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        processes = max(processes, torch.distributed.get_world_size())
+    return processes
+
+
+def _boolean(name: str, value: bool | int | str) -> bool:
+    """A boolean model argument: a bool, or true/false/1/0 in any case (``bool("no")`` would be True)."""
+    if isinstance(value, bool):
+        return value
+    found = BOOLEANS.get(str(value).strip().lower())
     if found is None:
-        return LmmsEvalError(str(err))
-    instance = batch[int(found[1])]
-    return LmmsEvalError(f"task {instance.task_name} doc {instance.doc_id}: {str(err)[found.end() :]}")
+        raise LmmsEvalError(f"model_args {name}={value}: expected true or false (or 1 or 0)")
+    return found
