@@ -16,6 +16,8 @@ from transformers import AutoConfig, PretrainedConfig
 from skipvision.backbones.hf_causal_lm import TINY_LLAMA
 from skipvision.data.shapes import generate_shapes
 
+pytest_plugins = ["tests.llava_fixtures"]  # the data llava fixture, shared by its test files
+
 torch.set_num_threads(2)
 TESTS = Path(__file__).resolve().parent
 TINY_RECIPE = TESTS / "recipes" / "tiny.yaml"
