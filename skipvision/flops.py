@@ -162,9 +162,17 @@ def analytic_train_step_flops(
     ``"sdpa"`` kernel (its backward recomputes ``Q K^T``), 3x with ``"eager"`` attention. Skipped FFN rows cost
     nothing in either direction.
     """
+    terms = analytic_forward_breakdown(shape, seq_len, ffn_tokens, batch, logits_tokens, causal)
+    return train_step_from_forward(terms, attention, weight_grads)
+
+
+def train_step_from_forward(
+    terms: dict[str, int], attention: Literal["sdpa", "eager"] = "sdpa", weight_grads: bool = True
+) -> int:
+    """Forward + backward FLOPs from the forward's terms (:func:`analytic_forward_breakdown`'s keys), by the rule of
+    :func:`analytic_train_step_flops`; for forwards summed over parts, e.g. layer by layer (skipvision/costs.py)."""
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
-    terms = analytic_forward_breakdown(shape, seq_len, ffn_tokens, batch, logits_tokens, causal)
     linear = terms["attn_proj"] + terms["ffn"] + terms["lm_head"]
     scores = terms["attn_scores"]  # always even: a multiple of 4
     return (3 if weight_grads else 2) * linear + (7 * scores // 2 if attention == "sdpa" else 3 * scores)

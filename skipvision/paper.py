@@ -4,18 +4,18 @@ The token pipeline is docs/method.md "Token pipeline", the FLOP model docs/metho
 with a recipe (``recipes/paper-llava.yaml``, ``recipes/paper-llava15-7b.yaml``, ``recipes/paper-llava-hd.yaml``:
 thumbnail + 2 x 2 tiles) is built for real from that recipe,
 on the meta device (shapes only: no weights, no memory, no download), with the checkpoint specs swapped for the
-same-shape config presets (``clip-vit-l-336-config``, ``llama3-8b-config``, ``vicuna-7b-config``). Its token plan
-(N, N_r, N_s, summaries) is read off the built model and the LLM's dimensions off the built backbone's config.
-Settings without a recipe (Chain-of-Sight) take the paper's token counts (see :data:`SETTINGS`) and the
-LLaMA3-8B shape from its config preset: "analytic from token counts", nothing is built.
+same-shape config presets (``clip-vit-l-336-config``, ``llama3-8b-config``, ``vicuna-7b-config``). Its token
+schedule is derived from the built model (:func:`skipvision.costs.model_schedule`) and the LLM's dimensions are read
+off the built backbone's config. Settings without a recipe (Chain-of-Sight) take the paper's token counts (see
+:data:`SETTINGS`, :func:`skipvision.costs.counts_schedule`) and the LLaMA3-8B shape from its config preset:
+"analytic from token counts", nothing is built.
 
-FLOPs of one sample's prefill (:func:`prefill_flops`), analytic with :mod:`skipvision.flops` (matmuls only):
-``text_tokens`` prompt tokens plus one image's slots; the full model has N visual tokens and runs the FFN on every
-token, Skip-Vision has N_r + N_s + 2 slots and runs the FFN on all but the N_s skipped ones. Logits are computed for
-the last token only (the prefill's output is the first answer token), and the attention-score term counts the full
-T x T square as fused kernels do (``causal=True``: only the causal half). The vision encoder and projector run the
-same in both models; :func:`vision_flops` measures them on the meta device with FlopCounterMode, one image (all
-its views).
+FLOPs of one sample's prefill, analytic with :mod:`skipvision.costs` (matmuls only): ``text_tokens`` prompt tokens
+plus one image's slots; the full model has N visual tokens and runs the FFN on every token, Skip-Vision has N_r +
+N_s + 2 slots and runs the FFN on all but the N_s skipped ones. Logits are computed for the last token only (the
+prefill's output is the first answer token), and the attention-score term counts the full T x T square as fused
+kernels do (``causal=True``: only the causal half). The vision encoder and projector run the same in both models;
+:func:`vision_flops` measures them on the meta device with FlopCounterMode, one image (all its views).
 
 Against the paper (``python -m skipvision flops``, 40 text tokens): LLaVA 27.8% vs the paper's 25%, Chain-of-Sight
 26.8% vs 25%, LLaVA-HD 24.1% vs 50%. The share depends on the prompt length (the text runs the FFN in both models):
@@ -38,8 +38,9 @@ from rich import box
 from rich.table import Table
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
+from skipvision.costs import TokenSchedule, counts_schedule, model_schedule, prefill_flops
 from skipvision.data.tokenizer import train_tokenizer
-from skipvision.flops import LLMShape, analytic_forward_flops, measured_flops
+from skipvision.flops import LLMShape, measured_flops
 from skipvision.model import VisionLanguageModel
 from skipvision.recipe import load_recipe
 from skipvision.registry import import_modules, load_preset
@@ -50,46 +51,9 @@ DEFAULT_TEXT_TOKENS = 40
 ANALYTIC = "analytic from token counts"
 
 
-@dataclass(frozen=True)
-class TokenPlan:
-    """One image's visual tokens: N for the full model; N_r retained, N_s skipped and the summaries (Skip-Vision)."""
-
-    num_tokens: int  # N
-    num_retained: int  # N_r
-    num_skipped: int  # N_s (after merging the N - N_r candidates)
-    num_summaries: int = 2  # s_R and s_S
-
-    def __post_init__(self) -> None:
-        if (
-            not 1 <= self.num_retained < self.num_tokens
-            or not 1 <= self.num_skipped <= self.num_tokens - self.num_retained
-        ):
-            raise ValueError(f"inconsistent token plan {self}: need 1 <= N_r < N and 1 <= N_s <= N - N_r")
-
-    @property
-    def num_slots(self) -> int:
-        """LLM slots per image with Skip-Vision: N_r + N_s + summaries."""
-        return self.num_retained + self.num_skipped + self.num_summaries
-
-    @property
-    def num_ffn_slots(self) -> int:
-        """Slots that run the FFN: all but the N_s skipped ones."""
-        return self.num_slots - self.num_skipped
-
-    @classmethod
-    def from_model(cls, model: VisionLanguageModel) -> TokenPlan:
-        """The plan of a built Skip-Vision model (its ``visual`` module)."""
-        visual = model.visual
-        if not visual.skips:
-            raise ValueError("the model has no skip policy (the full model): there is no Skip-Vision token plan")
-        summaries = visual.num_slots - visual.num_retained - visual.num_skipped
-        return cls(visual.num_tokens, visual.num_retained, visual.num_skipped, summaries)
-
-    def describe(self) -> str:
-        """``576 -> 258 (100R + 156S + 2)``: N -> slots (retained + skipped + summaries)."""
-        return (
-            f"{self.num_tokens} -> {self.num_slots} ({self.num_retained}R + {self.num_skipped}S + {self.num_summaries})"
-        )
+def describe_slots(tokens: int, retained: int, skipped: int, summaries: int = 2) -> str:
+    """``576 -> 258 (100R + 156S + 2)``: one image's N visual tokens -> its slots (retained + skipped + summaries)."""
+    return f"{tokens} -> {retained + skipped + summaries} ({retained}R + {skipped}S + {summaries})"
 
 
 @dataclass(frozen=True)
@@ -101,12 +65,12 @@ class PaperSetting:
     paper_share: float | None  # the paper's inference FLOPs, Skip-Vision / full model
     recipe: str | None = None  # a recipe name under recipes/ (built on the meta device)
     meta_overrides: tuple[str, ...] = ()  # same-shape config presets in place of the recipe's checkpoints
-    plan: TokenPlan | None = None  # token counts of a setting without a recipe
+    counts: tuple[int, int, int] | None = None  # N, N_r, N_s of a setting without a recipe (2 summaries)
     backbone_preset: str = "llama3-8b-config"  # LLM shape of a setting without a recipe
 
     def __post_init__(self) -> None:
-        if (self.recipe is None) == (self.plan is None):
-            raise ValueError(f"setting {self.key!r}: give exactly one of recipe or plan")
+        if (self.recipe is None) == (self.counts is None):
+            raise ValueError(f"setting {self.key!r}: give exactly one of recipe or counts")
 
 
 _CLIP_L = "model.encoder=clip-vit-l-336-config"
@@ -135,7 +99,7 @@ SETTINGS: tuple[PaperSetting, ...] = (
         meta_overrides=(_CLIP_L, "model.backbone=llama3-8b-config"),
     ),
     # Coarse multi-scale tokens (272) retained; the finest scale (1024 tokens) merged to 256.
-    PaperSetting("cos", "Chain-of-Sight (LLaMA3-8B)", 0.25, plan=TokenPlan(272 + 1024, 272, 256)),
+    PaperSetting("cos", "Chain-of-Sight (LLaMA3-8B)", 0.25, counts=(272 + 1024, 272, 256)),
 )
 
 
@@ -168,20 +132,6 @@ def build_meta_model(recipe: str, overrides: Sequence[str] = ()) -> VisionLangua
         return VisionLanguageModel.from_recipe(OmegaConf.to_container(cfg.model, resolve=True), tokenizer)
 
 
-def prefill_flops(shape: LLMShape, plan: TokenPlan, text_tokens: int, skip: bool, causal: bool = False) -> int:
-    """Forward matmul FLOPs of one sample's prefill: ``text_tokens`` + one image, logits for the last token only.
-
-    ``skip=False``: the full model, N visual tokens, FFN on every token. ``skip=True``: Skip-Vision, N_r + N_s +
-    summaries slots, FFN on all but the N_s skipped ones.
-    """
-    if text_tokens < 0:
-        raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
-    if skip:
-        seq = text_tokens + plan.num_slots
-        return analytic_forward_flops(shape, seq, seq - plan.num_skipped, logits_tokens=1, causal=causal)
-    return analytic_forward_flops(shape, text_tokens + plan.num_tokens, logits_tokens=1, causal=causal)
-
-
 @torch.no_grad()
 def vision_flops(model: VisionLanguageModel) -> int:
     """Encoder + projector FLOPs of one image (all its views), measured with FlopCounterMode on the (meta)
@@ -197,13 +147,13 @@ class FlopsRow:
     """One setting's prefill FLOPs, full model vs Skip-Vision, next to the paper's share."""
 
     setting: PaperSetting
-    plan: TokenPlan
+    slots: str  # one image's visual tokens -> slots, as :func:`describe_slots` writes them
     shape: LLMShape
     text_tokens: int
     full_flops: int
     skip_flops: int
     vision_flops: int | None  # encoder + projector per image (same in both); None when nothing was built
-    source: str  # where the token plan and LLM shape come from
+    source: str  # where the token counts and LLM shape come from
     causal: bool = False  # attention scores: only the causal half of the T x T square
 
     @property
@@ -219,20 +169,29 @@ class FlopsRow:
 
 def setting_flops(setting: PaperSetting, text_tokens: int = DEFAULT_TEXT_TOKENS, causal: bool = False) -> FlopsRow:
     """Prefill FLOPs of one setting: built on the meta device from its recipe, or analytic from its token counts."""
+    if text_tokens < 0:
+        raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
     vision = None
     if setting.recipe is not None:
         model = build_meta_model(setting.recipe, setting.meta_overrides)
-        plan, shape = TokenPlan.from_model(model), LLMShape.from_config(model.backbone.config)
+        visual, shape = model.visual, LLMShape.from_config(model.backbone.config)
+        num_tokens = visual.num_tokens
+        summaries = visual.num_slots - visual.num_retained - visual.num_skipped
+        slots = describe_slots(num_tokens, visual.num_retained, visual.num_skipped, summaries)
+        skip = model_schedule(model, text_tokens)
         vision = vision_flops(model)
         source = f"recipes/{setting.recipe}.yaml built on the meta device"
     else:
-        assert setting.plan is not None
+        assert setting.counts is not None
         config = dict(load_preset("backbone", setting.backbone_preset)["config"])
-        plan, shape = setting.plan, LLMShape.from_config(AutoConfig.for_model(**config))
+        shape = LLMShape.from_config(AutoConfig.for_model(**config))
+        num_tokens, retained, skipped = setting.counts
+        slots = describe_slots(num_tokens, retained, skipped)
+        skip = counts_schedule(shape.layers, text_tokens, num_tokens, retained, skipped)
         source = f"{ANALYTIC} ({setting.backbone_preset})"
-    full = prefill_flops(shape, plan, text_tokens, skip=False, causal=causal)
-    skip = prefill_flops(shape, plan, text_tokens, skip=True, causal=causal)
-    return FlopsRow(setting, plan, shape, text_tokens, full, skip, vision, source, causal)
+    full = TokenSchedule.full(shape.layers, text_tokens, num_tokens)
+    full_flops, skip_flops = prefill_flops(shape, full, causal), prefill_flops(shape, skip, causal)
+    return FlopsRow(setting, slots, shape, text_tokens, full_flops, skip_flops, vision, source, causal)
 
 
 def paper_flops(text_tokens: int = DEFAULT_TEXT_TOKENS, causal: bool = False) -> list[FlopsRow]:
@@ -263,7 +222,7 @@ def flops_table(rows: Sequence[FlopsRow]) -> Table:
     for r in rows:
         table.add_row(
             r.setting.title if r.built else f"{r.setting.title} *",
-            r.plan.describe(),
+            r.slots,
             f"{r.full_flops / 1e12:.2f}",
             f"{r.skip_flops / 1e12:.2f}",
             f"{r.share:.1%}",

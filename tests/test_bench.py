@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from skipvision.bench import ideal
 from skipvision.bench.runner import build_variants, variant_recipes
 from skipvision.cli import main
+from skipvision.costs import LayerTokens, TokenSchedule, model_schedule, prefill_flops
 from skipvision.flops import LLMShape
 from skipvision.paper import build_meta_model
 from skipvision.recipe import RecipeError, load_recipe
@@ -87,9 +87,9 @@ def test_variants_build_from_the_same_seed(tiny_shapes: Path, tmp_path: Path) ->
         assert torch.equal(a, b), name
     assert torch.equal(full.encoder.model.pos_embed, skip.encoder.model.pos_embed)
     shape = LLMShape.from_config(full.backbone.config)
-    counts = ideal.token_counts(variants["fastv"].module.model, 30)
-    assert (counts.fastv_dropped, counts.fastv_layer) == (8, 1)
-    assert ideal.prefill_flops(shape, counts) < ideal.prefill_flops(shape, ideal.TokenCounts(30))
+    schedule = model_schedule(variants["fastv"].module.model, 30 - 16)  # 8 of the 16 slots dropped from layer 1
+    assert schedule.layers == (LayerTokens(30, 30),) + (LayerTokens(22, 22),) * (shape.layers - 1)
+    assert prefill_flops(shape, schedule) < prefill_flops(shape, TokenSchedule.full(shape.layers, 14, 16))
 
 
 def test_bad_bench_settings_are_clear_errors(tiny_shapes: Path, tmp_path: Path, capsys) -> None:

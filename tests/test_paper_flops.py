@@ -13,17 +13,10 @@ import pytest
 import torch
 
 from skipvision.cli import main
+from skipvision.costs import TokenSchedule, counts_schedule, prefill_flops
 from skipvision.flops import LLMShape, analytic_forward_flops, measured_flops
 from skipvision.model import VisionLanguageModel
-from skipvision.paper import (
-    SETTINGS,
-    TokenPlan,
-    build_meta_model,
-    get_setting,
-    paper_flops,
-    prefill_flops,
-    setting_flops,
-)
+from skipvision.paper import SETTINGS, build_meta_model, get_setting, paper_flops, setting_flops
 from skipvision.recipe import load_recipe
 from skipvision.registry import BACKBONES, ENCODERS, check_arguments, resolve_spec
 
@@ -101,7 +94,7 @@ def test_analytic_prefill_matches_flop_counter_on_the_meta_full_size_backbone() 
             lambda: model.backbone(inputs_embeds=embeds, position_ids=positions, logits_to_keep=1)
         )
     assert measured == analytic_forward_flops(shape, seq, logits_tokens=1)
-    assert measured == prefill_flops(shape, TokenPlan.from_model(model), 40, skip=False)
+    assert measured == prefill_flops(shape, TokenSchedule.full(shape.layers, 40, model.visual.num_tokens))
 
 
 def test_llava_setting_share_against_the_paper() -> None:
@@ -114,7 +107,7 @@ def test_llava_setting_share_against_the_paper() -> None:
     own number to 3 significant digits and the paper's figure within an absolute tolerance of 0.03.
     """
     row = setting_flops(get_setting("llava"))
-    assert row.plan == TokenPlan(576, 100, 156, 2)
+    assert row.slots == "576 -> 258 (100R + 156S + 2)"
     assert round(row.share, 3) == 0.278
     assert row.setting.paper_share == 0.25
     assert abs(row.share - row.setting.paper_share) < 0.03
@@ -134,8 +127,8 @@ def test_all_settings_shares() -> None:
     assert list(rows) == [s.key for s in SETTINGS]
     shares = {key: round(r.share, 3) for key, r in rows.items()}
     assert shares == {"llava": 0.278, "llava15-7b": 0.254, "llava-hd": 0.241, "cos": 0.268}
-    assert rows["llava-hd"].plan.describe() == "2880 -> 1154 (576R + 576S + 2)"
-    assert rows["cos"].plan.describe() == "1296 -> 530 (272R + 256S + 2)"
+    assert rows["llava-hd"].slots == "2880 -> 1154 (576R + 576S + 2)"
+    assert rows["cos"].slots == "1296 -> 530 (272R + 256S + 2)"
     assert (
         not rows["cos"].built
         and rows["cos"].vision_flops is None
@@ -144,9 +137,9 @@ def test_all_settings_shares() -> None:
     assert rows["llava"].built and rows["llava-hd"].built
 
 
-def test_token_plan_rejects_impossible_counts() -> None:
-    with pytest.raises(ValueError, match="inconsistent token plan"):
-        TokenPlan(576, 100, 477)  # only 476 candidates
+def test_token_counts_reject_impossible_counts() -> None:
+    with pytest.raises(ValueError, match="inconsistent token counts"):
+        counts_schedule(32, 40, 576, 100, 477)  # only 476 candidates
 
 
 def test_cli_flops_prints_the_settings(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,8 @@
 """Benchmark output: ratios against the baseline, a JSON file, a Markdown table and a PNG plot.
 
-Ratios are variant / baseline measured in the same run; ``ideal`` ratios come from :mod:`.ideal`; achieved/ideal is
-ideal ratio / achieved ratio, the share of the ideal saving reached (1.0: time fell exactly as much as FLOPs).
+Ratios are variant / baseline measured in the same run; ``ideal`` ratios come from :mod:`skipvision.costs`;
+achieved/ideal is ideal ratio / achieved ratio, the share of the ideal saving reached (1.0: time fell exactly as much
+as FLOPs).
 """
 
 from __future__ import annotations

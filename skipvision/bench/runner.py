@@ -4,8 +4,8 @@ Each variant is the recipe plus its ``bench.variants`` overrides, built with the
 and LLM start from identical weights; only the skip machinery differs) and fed the same samples. Repetitions take
 turns across variants (variant A, B, C, A, B, C, ...), so drifting machine load hits all of them alike, and every
 figure is the median of ``bench.repeats`` after ``bench.warmup``. Ratios are taken against ``bench.baseline`` in the
-same run; next to each, the analytic ratio (:mod:`.ideal`) and achieved/ideal = ideal ratio / achieved ratio (the
-share of the ideal speed-up reached).
+same run; next to each, the analytic ratio (:mod:`skipvision.costs`) and achieved/ideal = ideal ratio / achieved
+ratio (the share of the ideal speed-up reached).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from skipvision.bench import ideal
 from skipvision.bench.measure import (
     generation_fn,
     hooked_copy,
@@ -32,6 +31,7 @@ from skipvision.bench.measure import (
 )
 from skipvision.bench.profile import profile_once, summary
 from skipvision.bench.report import add_ratios
+from skipvision.costs import decode_step_flops, model_schedule, prefill_flops, train_step_flops
 from skipvision.flops import LLMShape
 from skipvision.lit import run as jobs
 from skipvision.lit.module import VLMLitModule
@@ -125,20 +125,22 @@ def measure_speed(variants: dict[str, Variant], bench: DictConfig, device: torch
 
 
 def analytic(model: Any, val: dict[str, Any], train: dict[str, Any], train_batch: int) -> dict[str, Any]:
-    """The ideal costs of this variant (absolute; the report divides them by the baseline's)."""
+    """The ideal costs of this variant (absolute; the report divides them by the baseline's): the LLM's from its
+    token schedule (one image per prompt and per training sequence), the vision side's measured once (the same in
+    every variant) and added to both."""
     shape = LLMShape.from_config(model.backbone.config)
-    prompt = ideal.token_counts(model, int(val["prompt_mask"][0].sum()))
-    train_counts = ideal.token_counts(model, train["input_ids"].shape[1])
+    prompt_tokens, slots = int(val["prompt_mask"][0].sum()), model.num_image_tokens
+    prompt = model_schedule(model, prompt_tokens - slots)
+    train_schedule = model_schedule(model, train["input_ids"].shape[1] - slots, training=True)
     vision = vision_flops(model)
-    cached = ideal.kept_positions(prompt)
     return {
-        "visual_slots": model.num_image_tokens,
-        "prompt_tokens": prompt.seq,
+        "visual_slots": slots,
+        "prompt_tokens": prompt_tokens,
         "ideal": {
-            "prefill_flops": ideal.prefill_flops(shape, prompt) + vision,
-            "train_step_flops": ideal.train_step_flops(shape, train_counts, train_batch) + 3 * vision * train_batch,
-            "kv_positions": cached,
-            "decode_flops": ideal.decode_token_flops(shape, cached),
+            "prefill_flops": prefill_flops(shape, prompt) + vision,
+            "train_step_flops": train_step_flops(shape, train_schedule, train_batch) + 3 * vision * train_batch,
+            "kv_positions": prompt.cached,
+            "decode_flops": decode_step_flops(shape, prompt),
         },
     }
 
