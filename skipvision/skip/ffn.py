@@ -11,9 +11,9 @@ restores the model exactly (docs/design.md "Skip-Vision core").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ class SkipFFN:
         with SkipFFN(model, layers=None) as skip:   # None = every layer
             skip.set_plan(ffn_mask)                 # [B, T] bool, True = run the FFN on that token
             logits = model(inputs_embeds=embeds).logits
+            skip.set_plan({0: mask_0, -1: mask_last})  # per layer; the other hooked layers run the plain MLP
 
     The plan persists until replaced or cleared, so HF gradient checkpointing, which re-runs layer forwards during
     backward, recomputes with the same plan. Calls whose [B, T] differs from the plan's (decode steps with T=1,
@@ -51,8 +52,7 @@ class SkipFFN:
         self.layers: tuple[int, ...] = tuple(sorted(set(resolved)))
         self._all_mlps: list[nn.Module] = [adapter.mlp(layer) for layer in all_layers]
         self._mlps: list[nn.Module] = [self._all_mlps[i] for i in self.layers]
-        self._shape: tuple[int, int] | None = None  # [B, T] of the current plan
-        self._keep: torch.Tensor | None = None  # [n_keep] flat row indices of the FFN rows
+        self._plans: dict[int, Packing] = {}  # hooked layer -> its packing; absent = plain MLP
         self._attached = False
 
     @property
@@ -60,24 +60,52 @@ class SkipFFN:
         """Whether the MLP overrides are installed."""
         return self._attached
 
-    def set_plan(self, ffn_mask: torch.Tensor | None) -> None:
-        """Set (or clear, with None) the plan: ``ffn_mask`` [B, T] bool, True = run the FFN on that row.
+    def set_plan(self, plan: torch.Tensor | Mapping[int, torch.Tensor] | None) -> None:
+        """Set (or clear, with None) the plan: which rows run the FFN in each hooked layer.
 
-        A plan that keeps every row is the same as no plan: the MLP runs on the unpacked input.
+        ``plan`` is one ``ffn_mask`` [B, T] bool (True = run the FFN on that row), the same rows in every hooked
+        layer, or a per-layer plan ``{decoder layer index: ffn_mask}`` for methods whose FFN rows differ per layer
+        (a per-layer router). Indices are those of the constructor's ``layers`` (negatives count from the end); a
+        hooked layer missing from the mapping runs its plain MLP. A mask that keeps every row is the same as no mask:
+        that layer's MLP runs on the unpacked input.
 
-        The flat indices of the kept rows are computed once here and shared by every hooked layer.
+        The flat indices of the kept rows are computed once per distinct mask object, so layers given the same mask
+        share them. On an error the previous plan stays.
         """
-        if ffn_mask is None:
-            self._shape, self._keep = None, None
+        if plan is None:
+            self._plans = {}
             return
-        if ffn_mask.dim() != 2 or ffn_mask.dtype != torch.bool:
-            raise ValueError(f"ffn_mask must be a [B, T] bool tensor, got {ffn_mask.dtype} {tuple(ffn_mask.shape)}")
+        per_layer = not isinstance(plan, torch.Tensor)
+        masks = self._resolve(plan) if per_layer else dict.fromkeys(self.layers, plan)
+        packings: dict[int, Packing | None] = {}  # id(mask) -> its packing, None = keeps every row
+        plans: dict[int, Packing] = {}
         with record_function("skipvision::skip_ffn_plan"):
-            if bool(ffn_mask.all()):  # nothing skipped: the plain MLP, no gather/scatter (the bench's hook overhead)
-                self._shape, self._keep = None, None
-                return
-            self._shape = (ffn_mask.shape[0], ffn_mask.shape[1])
-            self._keep = ffn_mask.flatten().nonzero().squeeze(1)  # [n_keep]
+            for layer, mask in masks.items():  # `masks` holds every mask, so ids stay unique during the loop
+                if id(mask) not in packings:
+                    packings[id(mask)] = _pack(mask, f"ffn_mask for decoder layer {layer}" if per_layer else "ffn_mask")
+                packing = packings[id(mask)]
+                if packing is not None:
+                    plans[layer] = packing
+        self._plans = plans
+
+    def _resolve(self, plan: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """A per-layer plan with its indices resolved to hooked layers; an index this SkipFFN does not hook, or two
+        indices naming one layer, is an error."""
+        if not isinstance(plan, Mapping):
+            raise TypeError(f"a plan is a [B, T] bool tensor or a mapping {{layer: mask}}, got {type(plan).__name__}")
+        n = len(self._all_mlps)
+        masks: dict[int, torch.Tensor] = {}
+        for index, mask in plan.items():
+            layer = index % n if -n <= index < n else index
+            if layer not in self.layers:
+                raise ValueError(
+                    f"the plan names decoder layer {index}, which this SkipFFN does not hook: "
+                    f"hooked layers are {list(self.layers)} (the model has {n})"
+                )
+            if layer in masks:
+                raise ValueError(f"the plan names decoder layer {layer} twice ({index} resolves to it)")
+            masks[layer] = mask
+        return masks
 
     def attach(self) -> SkipFFN:
         """Install the MLP overrides (idempotent). Fails if any MLP of the model already has an instance override."""
@@ -89,8 +117,8 @@ class SkipFFN:
                 f"the MLPs of decoder layers {taken} already have an instance-level forward override "
                 "(is another SkipFFN attached to this model?); detach it first"
             )
-        for mlp in self._mlps:
-            mlp.forward = PlannedForward(self, mlp)
+        for layer, mlp in zip(self.layers, self._mlps, strict=True):
+            mlp.forward = PlannedForward(self, mlp, layer)
         self._attached = True
         return self
 
@@ -111,25 +139,44 @@ class SkipFFN:
         self.detach()
 
 
+class Packing(NamedTuple):
+    """One mask's packing: the [B, T] it was planned for and the flat indices of its kept rows."""
+
+    shape: tuple[int, int]  # [B, T]
+    keep: torch.Tensor  # [n_keep] flat row indices of the FFN rows
+
+
+def _pack(mask: torch.Tensor, name: str) -> Packing | None:
+    """The packing of ``mask`` [B, T] bool (True = run the FFN on that row), or None when it keeps every row: nothing
+    skipped means the plain MLP, with no gather/scatter (the bench's hook overhead). ``name`` labels errors."""
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"{name} must be a [B, T] bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    if bool(mask.all()):
+        return None
+    return Packing((mask.shape[0], mask.shape[1]), mask.flatten().nonzero().squeeze(1))  # keep: [n_keep]
+
+
 class PlannedForward:
-    """The instance-level ``forward`` of one hooked MLP: the class forward on the plan's kept rows, zeros elsewhere.
+    """The instance-level ``forward`` of one hooked MLP: the class forward on its layer's kept rows, zeros elsewhere.
 
     A callable object rather than a closure, so ``copy.deepcopy`` and pickling of the model carry it along: a copy's
-    MLPs then follow the copy's own SkipFFN plan and weights, never the original's.
+    MLPs then follow the copy's own SkipFFN plan and weights, never the original's. It knows its decoder layer's
+    index, which selects its rows in a per-layer plan.
     """
 
-    def __init__(self, skip: SkipFFN, mlp: nn.Module) -> None:
+    def __init__(self, skip: SkipFFN, mlp: nn.Module, layer: int) -> None:
         self.skip = skip
         self.mlp = mlp
+        self.layer = layer
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         original = type(self.mlp).forward
-        keep = self.skip._keep
-        if keep is None or tuple(x.shape[:-1]) != self.skip._shape:
-            return original(self.mlp, x, *args, **kwargs)  # no plan, decode step or text-only call: plain MLP
+        plan = self.skip._plans.get(self.layer)
+        if plan is None or tuple(x.shape[:-1]) != plan.shape:
+            return original(self.mlp, x, *args, **kwargs)  # no rows planned, decode step or text-only call: plain MLP
         b, t, d = x.shape
         with record_function("skipvision::skip_ffn_gather"):
-            keep = keep.to(x.device)  # [n_keep]
+            keep = plan.keep.to(x.device)  # [n_keep]
             rows = x.reshape(b * t, d).index_select(0, keep).unsqueeze(0)  # [1, n_keep, D]
         # Always called, even with n_keep == 0 ([1, 0, D]), so collectives match across ranks.
         y = original(self.mlp, rows, *args, **kwargs).squeeze(0)  # [n_keep, D]
