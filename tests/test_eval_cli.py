@@ -106,8 +106,8 @@ def test_cli_answers_equal_generate_and_metrics_equal_the_vqa_metric(
         assert model["categories"][category] == {"accuracy": pytest.approx(fmean(mine)), "count": len(mine)}
 
     table = (out / "metrics.md").read_text()
-    assert table.startswith("| category | metric | run |\n|---|---|---:|\n")
-    assert f"| overall | accuracy | {100 * fmean(scores):.2f} |\n| overall | count | {len(items)} |\n" in table
+    assert table.startswith("| category | items | metric | run |\n|---|---:|---|---:|\n")
+    assert f"| overall | {len(items)} | accuracy | {100 * fmean(scores):.2f} |\n" in table
     assert table in log  # printed at the end
     assert f"run: {len(items)} samples in" in log and "samples/s" in log
 
@@ -221,11 +221,10 @@ def test_the_cli_aggregates_yesno_and_choice_answers_per_category_as_computed_by
     }
     table = (tmp_path / "y" / "metrics.md").read_text()
     for line in (
-        "| overall | yes_ratio | 50.00 |",
-        "| popular | precision | 100.00 |",
-        "| random | recall | 100.00 |",
-        "| random | yes_ratio | 66.67 |",
-        "| popular | count | 3 |",
+        "| overall | 6 | yes_ratio | 50.00 |",
+        "| popular | 3 | precision | 100.00 |",
+        "| random | 3 | recall | 100.00 |",
+        "| random | 3 | yes_ratio | 66.67 |",
     ):
         assert line + "\n" in table
     assert table in capsys.readouterr().out
@@ -253,8 +252,9 @@ def test_the_cli_aggregates_yesno_and_choice_answers_per_category_as_computed_by
         "colour": {"accuracy": 0.0, "unparsed": 1, "count": 2},
     }
     table = (tmp_path / "c" / "metrics.md").read_text()
-    assert "| overall | accuracy | 40.00 |\n| overall | unparsed | 2 |\n| overall | count | 5 |\n" in table
-    assert "| animal | accuracy | 66.67 |\n| animal | unparsed | 1 |\n" in table
+    assert "| overall | 5 | accuracy | 40.00 |\n| overall | 5 | unparsed | 2 |\n" in table
+    assert "| animal | 3 | accuracy | 66.67 |\n| animal | 3 | unparsed | 1 |\n" in table
+    assert "| colour | 2 | accuracy | 0.00 |\n| colour | 2 | unparsed | 1 |\n" in table
 
 
 def test_a_request_with_its_own_system_prompt_is_rendered_with_it(tiny_skip_run: Path) -> None:
@@ -304,7 +304,8 @@ def test_compare_runs_policies_and_runs_side_by_side_on_the_same_prompts(
     assert by_model["trained"] == generated(tiny_skip_run, prompts, tokens=3, batch=8)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert list(metrics["models"]) == ["full", "fastv", "trained"] and metrics["models"]["fastv"]["policy"] == fastv
-    assert (tmp_path / "out" / "metrics.md").read_text().startswith("| category | metric | full | fastv | trained |")
+    header = "| category | items | metric | full | fastv | trained |"
+    assert (tmp_path / "out" / "metrics.md").read_text().startswith(header)
 
 
 def _error(capsys: pytest.CaptureFixture[str]) -> str:

@@ -79,15 +79,18 @@ def metrics_document(
 
 
 def markdown_table(task: str, results: Sequence[ModelResult]) -> str:
-    """metrics.md: one row per category and metric ("overall" first), one column per model; fractions in %."""
+    """metrics.md: per category ("overall" first) its item count and one row per metric, one column per model;
+    fractions in %. Every model answers the same items, so the count is a column of its own, not a metric row."""
     names = [r.model.name for r in results]
-    lines = ["| category | metric | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    lines = ["| category | items | metric | " + " | ".join(names) + " |", "|---|---:|---|" + "---:|" * len(names)]
     categories = ["overall", *results[0].scored.categories]
     for category in categories:
         groups = [r.scored.overall if category == "overall" else r.scored.categories[category] for r in results]
         for metric in METRICS[task]:
+            if metric == "count":
+                continue
             cells = [_cell(metric, group[metric]) for group in groups]
-            lines.append(f"| {category} | {metric} | " + " | ".join(cells) + " |")
+            lines.append(f"| {category} | {groups[0]['count']} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
