@@ -12,6 +12,8 @@ the same way. What each method computes:
 * ``merge_only``: the full model over N_r + N_s merged slots per image (the merge happens before the LLM);
 * FastV: every token in layers < K; from layer K on, the ``floor(ratio * image slots)`` dropped image tokens are
   gone, and the cache keeps only the survivors. FastV is training-free: its training step is the full model's.
+* PyramidDrop: FastV's count at every stage boundary, each on the image tokens the previous stages left, in
+  training and at prefill.
 
 The schedule is per layer so that staged methods (tokens dropped at several layer boundaries) and per-layer routers
 (a different token subset per layer) fit the same model. FLOPs are additive over samples: sum per-prompt schedules.
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from skipvision.flops import LLMShape, analytic_forward_breakdown, train_step_from_forward
+from skipvision.skip.policies.base import DropStage
 
 if TYPE_CHECKING:
     from skipvision.model import VisionLanguageModel
@@ -85,15 +88,30 @@ class TokenSchedule:
         return cls(layers, tokens - skipped_tokens)
 
     @classmethod
+    def dropped(
+        cls, num_layers: int, text: int, visual: int, stages: Sequence[DropStage], images: int = 1
+    ) -> TokenSchedule:
+        """In-LLM drops (FastV, PyramidDrop): ``text`` tokens and ``images`` x ``visual`` slots in layers < K_1;
+        at each stage's layer K_i, ``floor(ratio * image tokens still present)`` fewer (skipvision/skip/dropping.py's
+        count, composed stage after stage). The cache keeps the final survivors."""
+        tokens, candidates, start, layers = text + visual * images, visual * images, 0, []
+        for stage in stages:
+            if not start < stage.layer < num_layers:
+                raise ValueError(
+                    f"token dropping: stage layers (K) must increase within [1, {num_layers - 1}], got {stage.layer}"
+                )
+            layers += [LayerTokens(tokens, tokens)] * (stage.layer - start)
+            dropped = math.floor(candidates * stage.ratio)
+            tokens, candidates, start = tokens - dropped, candidates - dropped, stage.layer
+        layers += [LayerTokens(tokens, tokens)] * (num_layers - start)
+        return cls(tuple(layers), tokens)
+
+    @classmethod
     def fastv(cls, num_layers: int, text: int, visual: int, layer: int, ratio: float, images: int = 1) -> TokenSchedule:
-        """FastV at prefill: ``text`` tokens and ``images`` x ``visual`` slots in layers < ``layer`` (K); from K on,
-        ``floor(ratio * image slots)`` fewer (skipvision/skip/fastv.py's count). The cache keeps the survivors."""
+        """FastV at prefill: :meth:`dropped` with its one stage at ``layer`` (K)."""
         if not 1 <= layer < num_layers:
             raise ValueError(f"fastv: layer (K) must be in [1, {num_layers - 1}], got {layer}")
-        tokens = text + visual * images
-        kept = tokens - math.floor(visual * images * ratio)
-        layers = (LayerTokens(tokens, tokens),) * layer + (LayerTokens(kept, kept),) * (num_layers - layer)
-        return cls(layers, kept)
+        return cls.dropped(num_layers, text, visual, [DropStage(layer, ratio)], images)
 
 
 def model_schedule(model: VisionLanguageModel, text: int, images: int = 1, training: bool = False) -> TokenSchedule:
@@ -101,18 +119,19 @@ def model_schedule(model: VisionLanguageModel, text: int, images: int = 1, train
     training step rather than a prefill).
 
     This is the one place that reads a method's settings off the model (``model.visual``'s ``skips`` and slot
-    counts, which hold ``merge_only``'s merged count; the policy's ``prunes_in_llm``, ``layer`` and ``ratio``; the
-    Skip-FFN layers): the method interface will replace it by each method producing its own schedule.
+    counts, which hold ``merge_only``'s merged count; the policy's ``drop_stages``; the Skip-FFN layers): the method
+    interface will replace it by each method producing its own schedule.
     """
     num_layers = LLMShape.from_config(model.backbone.config).layers
-    visual, policy = model.visual, model.visual.policy
+    visual = model.visual
     if visual.skips:
         summaries = visual.num_slots - visual.num_retained - visual.num_skipped
         return TokenSchedule.skip_vision(
             num_layers, text, visual.num_retained, visual.num_skipped, summaries, images, model.skip_ffn.layers
         )
-    if policy.prunes_in_llm and not training:
-        return TokenSchedule.fastv(num_layers, text, visual.num_slots, policy.layer, policy.ratio, images)
+    stages = model.drop_stages(training)
+    if stages:
+        return TokenSchedule.dropped(num_layers, text, visual.num_slots, stages, images)
     return TokenSchedule.full(num_layers, text, visual.num_slots, images)  # the full model, merge_only, FastV training
 
 

@@ -9,6 +9,7 @@ explicit ``position_ids``; with the ``none`` policy its logits equal the plain H
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,14 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from skipvision.adapters import decoder_layers
 from skipvision.data.chat import IGNORE_INDEX
 from skipvision.data.samples import IMAGE_PLACEHOLDER
 from skipvision.data.tokenizer import TokenizerError
 from skipvision.encoders.base import VisionEncoder
 from skipvision.errors import SkipvisionError
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS
+from skipvision.skip.dropping import dropping, policy_stages
 from skipvision.skip.ffn import SkipFFN
 from skipvision.skip.masking import text_to_skipped_mask
+from skipvision.skip.policies.base import DropStage
 from skipvision.skip.visual import SkipVisionTokens, VisualTokens
 
 
@@ -51,6 +55,19 @@ class Embedded:
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count real tokens only: 0..n-1 after any left padding. [B, T] -> [B, T]"""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def instruction_query(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Per row [B] the last instruction token, which PyramidDrop ranks image tokens by: the position just before
+    the row's first labelled token (``labels`` [B, T] != -100), or the last real token of ``attention_mask`` [B, T]
+    for rows without labels (any padding side)."""
+    steps = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # [T]
+    last_real = (attention_mask.bool() * steps).amax(-1)  # [B]
+    if labels is None:
+        return last_real
+    labelled = labels != IGNORE_INDEX  # [B, T]
+    first = torch.where(labelled, steps, attention_mask.shape[1]).amin(-1)  # [B], T where none
+    return torch.where(labelled.any(-1), first - 1, last_real)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -149,6 +166,10 @@ class VisionLanguageModel(nn.Module):
     def num_image_tokens(self) -> int:
         """Slots one ``<image>`` placeholder expands to: N, or N_r + N_s (+ 2 summaries) with Skip-Vision."""
         return self.visual.num_slots
+
+    def drop_stages(self, training: bool) -> tuple[DropStage, ...]:
+        """The policy's in-LLM drops for this backbone's depth (docs/method.md "Peers"); () for most policies."""
+        return self.visual.policy.drop_stages(len(decoder_layers(self.backbone)), training)
 
     def image_features(self, pixel_values: torch.Tensor) -> VisualTokens:
         """[M, 3, H, W] (or [M, V, 3, H, W] with views) -> the slot tokens [M, K, D] in the LLM's embedding space
@@ -277,8 +298,23 @@ class VisionLanguageModel(nn.Module):
         num_images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> VLMOutput:
+        """Logits [B, T, V] and the loss over ``labels`` [B, T] (-100: none). With in-LLM :meth:`drop_stages`
+        (PyramidDrop; FastV only at inference), the backbone drops image slots at the stage boundaries, ranked by
+        each row's last instruction token (:func:`instruction_query`); dropped positions' logits are those of a
+        zero hidden state, and no labelled prediction is ever dropped."""
         embedded = self.embed(input_ids, pixel_values, num_images)  # embeds [B, T, D]
-        out = self.run_backbone(embedded, attention_mask, positions_from_mask(attention_mask))
+        positions = positions_from_mask(attention_mask)  # [B, T]
+        stages = self.drop_stages(self.training)
+        drops = contextlib.nullcontext()
+        if stages and embedded.visual_slots is not None:
+            query = instruction_query(attention_mask, labels)  # [B]
+            label = type(self.visual.policy).__name__.lower()  # names errors and profiler ranges
+            slots = embedded.visual_slots  # [B, T], the candidates
+            drops = dropping(
+                self.backbone, policy_stages(stages), attention_mask, positions, slots, labels, query, label
+            )
+        with drops:
+            out = self.run_backbone(embedded, attention_mask, positions)
         loss = None if labels is None else next_token_loss(out.logits, labels)
         if loss is not None and embedded.aux_loss is not None:
             loss = loss + embedded.aux_loss

@@ -287,6 +287,7 @@ SKIP_POLICIES = Registry(
         "prefix": "retains the first N_r tokens (the LLaVA-HD thumbnail)",
         "merge_only": "peer: merges all N tokens to num_tokens, every one with FFN (compression only)",
         "fastv": "peer: training-free FastV, drops the least-attended image tokens from layer K on",
+        "pyramid_drop": "peer: PyramidDrop, drops half the least-attended image tokens at each stage, also in training",
     },
 )
 

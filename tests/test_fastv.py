@@ -14,6 +14,7 @@ from skipvision.adapters import decoder_layers
 from skipvision.model import positions_from_mask
 from skipvision.registry import SKIP_POLICIES
 from skipvision.skip.fastv import fastv_prefill
+from skipvision.skip.policies.base import DropStage
 from skipvision.skip.visual import SkipVisionTokens
 
 from .conftest import tiny_lm_config
@@ -123,13 +124,9 @@ def test_invalid_arguments_raise_naming_the_valid_range(models) -> None:
 
 def test_policy_keeps_every_token_at_the_token_stage() -> None:
     policy = SKIP_POLICIES.build(SKIP_POLICIES.tiny_spec("fastv"))
-    assert (policy.skips, policy.prunes_in_llm, policy.merge_to, policy.layer, policy.ratio) == (
-        False,
-        True,
-        None,
-        1,
-        0.5,
-    )
+    assert (policy.skips, policy.merge_to, policy.layer, policy.ratio) == (False, None, 1, 0.5)
+    assert policy.drop_stages(4, training=False) == (DropStage(1, 0.5),)
+    assert policy.drop_stages(4, training=True) == ()  # training-free: its training step is the full model's
     visual = SkipVisionTokens(num_tokens=6, dim=8, policy={"name": "fastv", "layer": 2, "ratio": 0.5})
     feats = torch.randn(3, 6, 8)
     tokens = visual(feats, None)

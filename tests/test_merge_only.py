@@ -76,4 +76,4 @@ def test_invalid_token_counts_raise(tokenizer) -> None:
 
 def test_tiny_spec_builds_a_non_skipping_policy() -> None:
     policy = SKIP_POLICIES.build(SKIP_POLICIES.tiny_spec("merge_only"))
-    assert (policy.skips, policy.merge_to, policy.prunes_in_llm) == (False, 4, False)
+    assert (policy.skips, policy.merge_to, policy.drop_stages(4, training=False)) == (False, 4, ())

@@ -2,7 +2,8 @@
 
 1. Prefill the whole (left-padded) prompt batch with the cache on and the Skip-FFN plan of training.
 2. With ``drop_kv``, remove the skipped slots' keys/values from every layer, per sample (:mod:`.kv`); the 2-D mask
-   is pruned the same way. The FastV peer (``prunes_in_llm`` policies) drops its tokens inside the prefill instead.
+   is pruned the same way. A policy with in-LLM ``drop_stages`` (FastV, PyramidDrop) drops its image tokens inside
+   the prefill instead.
 3. Decode one token at a time over the reduced cache with explicit position ids that continue at each row's true
    position (never from the cache length or the pruned mask), so RoPE phases stay those of the full sequence.
 
@@ -88,12 +89,14 @@ def prefill(
     positions = positions_from_mask(prompt_mask)  # [B, P]
     policy = model.visual.policy
     removal: Removal | None = None
-    if policy.prunes_in_llm:
-        from skipvision.skip.fastv import fastv_prefill
+    stages = policy.drop_stages(len(adapter_for(model.backbone.config).layers(model.backbone)), training=False)
+    if stages:
+        from skipvision.skip.dropping import dropped_prefill, policy_stages
 
         slots = embedded.visual_slots if embedded.visual_slots is not None else torch.zeros_like(prompt_mask).bool()
-        out = fastv_prefill(
-            model.backbone, embedded.embeds, prompt_mask, positions, slots, cache, policy.layer, policy.ratio
+        label = type(policy).__name__.lower()  # names errors and profiler ranges (FastV: skipvision::fastv_prune)
+        out = dropped_prefill(
+            model.backbone, embedded.embeds, prompt_mask, positions, slots, cache, policy_stages(stages), label
         )
         logits, kv_bytes, removal = out.logits, out.kv_bytes_before, out.removal
     else:

@@ -36,6 +36,7 @@ from skipvision.inference.generate import generate_tokens
 from skipvision.inference.sampling import GenerationConfig
 from skipvision.lit.fsdp import FSDP_STRATEGIES, shard_and_load
 from skipvision.model import VisionLanguageModel
+from skipvision.recipe import RecipeError
 from skipvision.skeleton import skeleton
 
 COMPONENTS = ("encoder", "projector", "llm")
@@ -89,6 +90,11 @@ class VLMLitModule(L.LightningModule):
         """Activation checkpointing (``trainer.activation_checkpointing``), then, for FSDP, sharding and weights
         (skipvision/lit/fsdp.py). Lightning calls this once the processes are set up, on every rank."""
         if self.cfg.trainer.activation_checkpointing:
+            if self.model.drop_stages(training=True):
+                raise RecipeError(
+                    f"trainer.activation_checkpointing cannot run with skip policy {self.cfg.model.skip.policy}: "
+                    "it drops tokens inside the LLM in training, and recomputation would drop them twice; turn one off"
+                )
             self.model.backbone.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False}
             )

@@ -42,7 +42,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from skipvision.adapters import SLIDING, DecoderAdapter, adapter_for
 from skipvision.data.chat import IGNORE_INDEX
-from skipvision.inference.kv import Removal, drop_cache_positions, keep_last, prune_mask, stored_lengths
+from skipvision.inference.kv import Removal, drop_cache_positions, keep_last, kv_cache_bytes, prune_mask, stored_lengths
+from skipvision.skip.policies.base import DropStage
 
 # (scores [B, T'] of the current survivors, candidates [B, T'] bool) -> which to drop [B, T'] bool
 DropRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,6 +55,21 @@ class Stage:
 
     layer: int
     rule: DropRule
+
+
+def policy_stages(stages: Sequence[DropStage]) -> list[Stage]:
+    """A policy's :meth:`~skipvision.skip.policies.base.SkipPolicy.drop_stages` as dropper stages, each with FastV's
+    rule at its ratio (:func:`lowest_scored`)."""
+    return [Stage(stage.layer, partial(lowest_scored, ratio=stage.ratio)) for stage in stages]
+
+
+@dataclass
+class DroppedPrefill:
+    """What :func:`dropped_prefill` returns besides the filled cache."""
+
+    logits: torch.Tensor  # [B, V] next-token logits at the last prompt position
+    removal: Removal  # which of the T prompt positions every cache layer keeps
+    kv_bytes_before: int  # the cache's bytes right after the forward, before the cache is trimmed
 
 
 def last_token_attention(
@@ -300,3 +316,41 @@ def trim_cache(cache: DynamicCache, dropper: Dropper) -> None:
         shortest = min(cache.layers[i].keys.shape[2] for i in sliding)
         keep_last(cache, sliding, shortest)
     stored_lengths(cache, adapter.layer_types)  # every layer of a type now holds the same columns
+
+
+def dropped_prefill(
+    backbone: PreTrainedModel,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    image_slots: torch.Tensor,
+    cache: DynamicCache,
+    stages: Sequence[Stage],
+    label: str = "drop",
+) -> DroppedPrefill:
+    """Prefill with ``stages``: one forward of ``backbone`` (an HF causal LM) into the empty ``cache``, then
+    :func:`trim_cache`.
+
+    ``embeds`` [B, T, D] (left-padded prompts with the image slots filled), ``attention_mask`` [B, T] (1 = real
+    token), ``position_ids`` [B, T] (true positions), ``image_slots`` [B, T] bool (the candidates); ``label`` names
+    the errors and profiler ranges. Afterwards every cache layer holds the positions ``removal.index``; decode with
+    ``prune_mask(attention_mask, removal)`` extended by ones and explicit true positions.
+    """
+    if tuple(embeds.shape[:2]) != tuple(attention_mask.shape):
+        raise ValueError(
+            f"{label}: attention_mask must be [B, T] = {list(embeds.shape[:2])}, got {list(attention_mask.shape)}"
+        )
+    if cache.get_seq_length() > 0:
+        raise ValueError(f"{label}: the prefill covers the whole prompt; the cache must be empty")
+    with torch.no_grad(), dropping(backbone, stages, attention_mask, position_ids, image_slots, label=label) as dropper:
+        out = backbone(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    kv_bytes = kv_cache_bytes(cache)
+    trim_cache(cache, dropper)
+    return DroppedPrefill(out.logits[:, -1], dropper.removal, kv_bytes)

@@ -28,24 +28,20 @@ supported family in transformers 5.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
-
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from skipvision.inference.kv import Removal, kv_cache_bytes
-from skipvision.skip.dropping import Stage, dropping, last_token_attention, lowest_scored, trim_cache
+from skipvision.skip.dropping import (
+    DroppedPrefill,
+    dropped_prefill,
+    last_token_attention,
+    lowest_scored,
+    policy_stages,
+)
+from skipvision.skip.policies.base import DropStage
 from skipvision.skip.policies.fastv import check_fastv
 
-__all__ = ["FastVPrefill", "fastv_prefill", "last_token_attention", "lowest_scored"]
-
-
-@dataclass
-class FastVPrefill:
-    logits: torch.Tensor  # [B, V] next-token logits at the last prompt position
-    removal: Removal  # which of the T prompt positions every cache layer keeps
-    kv_bytes_before: int  # the cache's bytes right after the forward, before layers < K are trimmed
+__all__ = ["fastv_prefill", "last_token_attention", "lowest_scored"]
 
 
 @torch.no_grad()
@@ -58,7 +54,7 @@ def fastv_prefill(
     cache: DynamicCache,
     layer: int,
     ratio: float,
-) -> FastVPrefill:
+) -> DroppedPrefill:
     """Prefill with FastV: one forward of ``backbone`` (an HF causal LM) into the empty ``cache``.
 
     ``embeds`` [B, T, D] (left-padded prompts with the image slots filled), ``attention_mask`` [B, T] (1 = real
@@ -68,22 +64,5 @@ def fastv_prefill(
     extended by ones and explicit true positions.
     """
     check_fastv(layer, ratio)
-    if tuple(embeds.shape[:2]) != tuple(attention_mask.shape):
-        raise ValueError(
-            f"fastv: attention_mask must be [B, T] = {list(embeds.shape[:2])}, got {list(attention_mask.shape)}"
-        )
-    if cache.get_seq_length() > 0:
-        raise ValueError("fastv: the prefill covers the whole prompt; the cache must be empty")
-    stages = [Stage(layer, partial(lowest_scored, ratio=ratio))]
-    with dropping(backbone, stages, attention_mask, position_ids, image_slots, label="fastv") as dropper:
-        out = backbone(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-    kv_bytes = kv_cache_bytes(cache)
-    trim_cache(cache, dropper)
-    return FastVPrefill(out.logits[:, -1], dropper.removal, kv_bytes)
+    stages = policy_stages([DropStage(layer, ratio)])
+    return dropped_prefill(backbone, embeds, attention_mask, position_ids, image_slots, cache, stages, label="fastv")

@@ -1,9 +1,10 @@
 """Skip policies: split each image's visual tokens into retained R and skip candidates C (docs/method.md "Policies")."""
 
-from skipvision.skip.policies import attention_score, fastv, merge_only, none, prefix, router, uniform
-from skipvision.skip.policies.base import SkipPolicy, TokenSplit
+from skipvision.skip.policies import attention_score, fastv, merge_only, none, prefix, pyramid_drop, router, uniform
+from skipvision.skip.policies.base import DropStage, SkipPolicy, TokenSplit
 
 __all__ = [
+    "DropStage",
     "SkipPolicy",
     "TokenSplit",
     "attention_score",
@@ -11,6 +12,7 @@ __all__ = [
     "merge_only",
     "none",
     "prefix",
+    "pyramid_drop",
     "router",
     "uniform",
 ]

@@ -46,6 +46,16 @@ class TokenSplit:
         return cls.from_mask(keep.scatter(1, indices, True), aux_loss, scores)
 
 
+@dataclass(frozen=True)
+class DropStage:
+    """One in-LLM drop: decoder ``layer`` K is the first without the dropped tokens; there the ``ratio`` share of
+    each row's current image tokens (``floor(ratio * candidates)``) that the scoring token attends to least in
+    layer K - 1 leaves the sequence (FastV's rule, :func:`skipvision.skip.dropping.lowest_scored`)."""
+
+    layer: int
+    ratio: float
+
+
 class SkipPolicy(nn.Module):
     """Chooses which visual tokens are retained (docs/method.md "Policies").
 
@@ -53,16 +63,15 @@ class SkipPolicy(nn.Module):
     size of R, so every image of a batch gets the same N_r. Subclasses implement ``select``.
     ``uses_cls_scores`` tells the caller whether to ask the encoder for [CLS] attention scores at all.
     ``skips`` is False for the policies of the full-compute peers (docs/method.md "Peers"): nothing is skipped or
-    summarised, every slot runs the FFN. Two such peers change the visual tokens in other ways:
-    ``merge_to`` (compression-only) is the number of tokens each image is merged into before the LLM, None for every
-    other policy; ``prunes_in_llm`` (FastV) means the policy prunes tokens inside the LLM at prefill (see
-    skipvision/skip/fastv.py).
+    summarised, every slot runs the FFN. The peers change the visual tokens in other ways: ``merge_to``
+    (compression-only) is the number of tokens each image is merged into before the LLM, None for every other
+    policy; :meth:`drop_stages` (FastV, PyramidDrop) are the image-token drops inside the LLM, which the model's
+    forward, the prefill and the cost model all read (skipvision/skip/dropping.py).
     """
 
     uses_cls_scores: bool = False
     skips: bool = True  # False for the full-compute peers (nothing skipped or summarised)
     merge_to: int | None = None  # compression-only: tokens per image after merging (N_r + N_s); None: no merge
-    prunes_in_llm: bool = False  # the policy prunes tokens inside the LLM at prefill (see skipvision/skip/fastv.py)
 
     def __init__(self, num_retained: int | None = None, retain_ratio: float | None = None) -> None:
         super().__init__()
@@ -98,6 +107,11 @@ class SkipPolicy(nn.Module):
     def select(self, features: torch.Tensor, cls_scores: torch.Tensor | None, num_retained: int) -> TokenSplit:
         """Pick ``num_retained`` tokens of ``features`` [B, N, D]; the sizes are already validated."""
         raise NotImplementedError
+
+    def drop_stages(self, num_layers: int, training: bool) -> tuple[DropStage, ...]:
+        """The drops inside a ``num_layers``-layer LLM, in a training step (``training``) or at inference: layers
+        strictly increasing in [1, num_layers - 1]. None by default."""
+        return ()
 
     def weight_retained(self, features: torch.Tensor, split: TokenSplit) -> torch.Tensor:
         """Hook for learned policies to put a gradient path through their scores; identity by default."""

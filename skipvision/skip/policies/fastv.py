@@ -8,6 +8,7 @@ layer K - 1; layers K.. and the decode steps never see them (skipvision/skip/fas
 from __future__ import annotations
 
 from skipvision.registry import SKIP_POLICIES
+from skipvision.skip.policies.base import DropStage
 from skipvision.skip.policies.none import NoSkip
 
 
@@ -25,10 +26,13 @@ class FastV(NoSkip):
     share of each row's image tokens dropped there (per row ``floor(ratio * image slots)``). The defaults are the
     FastV paper's K=2, R=50%."""
 
-    prunes_in_llm = True
-
     def __init__(self, layer: int = 2, ratio: float = 0.5) -> None:
         super().__init__()
         check_fastv(layer, ratio)
         self.layer = layer
         self.ratio = ratio
+
+    def drop_stages(self, num_layers: int, training: bool) -> tuple[DropStage, ...]:
+        """One stage at inference; none in training (FastV is training-free: its training step is the full
+        model's). ``num_layers`` is checked against K where the stage runs."""
+        return () if training else (DropStage(self.layer, self.ratio),)
