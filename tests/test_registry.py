@@ -73,6 +73,15 @@ PLUGIN_SOURCE = """
 """
 
 
+@pytest.fixture
+def projectors_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugins a test registers leave PROJECTORS afterwards, so later tests see only the built-ins (loaded
+    first, so that the restored table holds them)."""
+    PROJECTORS.names()
+    monkeypatch.setattr(PROJECTORS, "_entries", dict(PROJECTORS._entries))
+
+
+@pytest.mark.usefixtures("projectors_restored")
 def test_recipe_imports_register_a_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "my_plugin_a.py").write_text(textwrap.dedent(PLUGIN_SOURCE.format(name="plugin_a")))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -83,6 +92,7 @@ def test_recipe_imports_register_a_plugin(tmp_path: Path, monkeypatch: pytest.Mo
         reg.import_modules(["no_such_module_xyz"])
 
 
+@pytest.mark.usefixtures("projectors_restored")
 def test_entry_point_plugin_is_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """A real installed-distribution layout (dist-info with entry_points.txt) on sys.path."""
     (tmp_path / "my_plugin_b.py").write_text(textwrap.dedent(PLUGIN_SOURCE.format(name="plugin_b")))
