@@ -241,17 +241,23 @@ def test_a_deep_copy_follows_its_own_plan_and_weights() -> None:
         assert not torch.equal(twin[0](input_ids=ids).logits, want)
 
 
-def test_decode_step_runs_the_plain_mlp() -> None:
-    model = tiny_lm()
+def decode_step_under_plan(model: nn.Module, plan: object) -> tuple[dict[int, list[int]], torch.Tensor, torch.Tensor]:
+    """Prefill under ``plan``, then one decode step (T=1) with the plan still set and once with Skip-FFN detached
+    from the same cache: (rows each MLP ran in the hooked step, hooked logits [B, 1, V], plain logits [B, 1, V])."""
     step = torch.tensor([[5], [7]])  # [B, 1]
     with torch.no_grad(), SkipFFN(model) as skip:
-        skip.set_plan(image_plan())
+        skip.set_plan(plan)
         prefill = model(input_ids=input_ids(), cache=DynamicCache(config=model.config), use_cache=True)
         cache_copy = copy.deepcopy(prefill.cache)
         with mlp_row_counts(model) as counts:
-            hooked = model(input_ids=step, cache=prefill.cache, use_cache=True).logits  # [B, 1, V]
+            hooked = model(input_ids=step, cache=prefill.cache, use_cache=True).logits
         skip.detach()
-        plain = model(input_ids=step, cache=cache_copy, use_cache=True).logits  # [B, 1, V]
+        plain = model(input_ids=step, cache=cache_copy, use_cache=True).logits
+    return counts, hooked, plain
+
+
+def test_decode_step_runs_the_plain_mlp() -> None:
+    counts, hooked, plain = decode_step_under_plan(tiny_lm(), image_plan())
     assert counts == {0: [B], 1: [B]}
     assert torch.equal(hooked, plain)
 

@@ -12,7 +12,6 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
-from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from skipvision.adapters import adapter_for
@@ -20,7 +19,7 @@ from skipvision.skip.ffn import SkipFFN
 
 from .families import FAMILIES
 from .families import tiny_lm as family_lm
-from .test_skip_ffn import B, T, input_ids, mlp_row_counts, tiny_lm
+from .test_skip_ffn import B, T, decode_step_under_plan, input_ids, mlp_row_counts, tiny_lm
 
 LAYERS = 5
 
@@ -108,16 +107,7 @@ def test_one_mask_equals_a_mapping_of_every_hooked_layer_and_shares_its_indices(
 
 
 def test_decode_steps_run_the_plain_mlp_under_a_per_layer_plan() -> None:
-    model = tiny_lm(layers=LAYERS)
-    step = torch.tensor([[5], [7]])  # [B, 1]
-    with torch.no_grad(), SkipFFN(model) as skip:
-        skip.set_plan(per_layer_plan())
-        prefill = model(input_ids=input_ids(), cache=DynamicCache(config=model.config), use_cache=True)
-        cache_copy = copy.deepcopy(prefill.cache)
-        with mlp_row_counts(model) as counts:
-            hooked = model(input_ids=step, cache=prefill.cache, use_cache=True).logits  # [B, 1, V]
-        skip.detach()
-        plain = model(input_ids=step, cache=cache_copy, use_cache=True).logits  # [B, 1, V]
+    counts, hooked, plain = decode_step_under_plan(tiny_lm(layers=LAYERS), per_layer_plan())
     assert counts == {i: [B] for i in range(LAYERS)}
     assert torch.equal(hooked, plain)
 

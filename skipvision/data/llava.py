@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from skipvision.atomic import PARTIAL, write_text_atomic
 from skipvision.data import llava_samples as samples
 from skipvision.data.llava_samples import CheckSettings, LlavaInputError, Record, Verdict
-from skipvision.data.llava_shards import PART, Workers, write_atomic, write_split
+from skipvision.data.llava_shards import Workers, write_split
 from skipvision.errors import MissingFileError, OutputExistsError
 
 FORMAT, VERSION = "llava", 1
@@ -241,7 +242,7 @@ def _prepare_out(out: Path, header: dict[str, Any], overwrite: bool) -> dict[str
     recorded = _recorded_header(out)
     if recorded == header:
         return json.loads((out / PLAN).read_text())
-    held = [child for child in out.iterdir() if child.name != PLAN + PART] if out.is_dir() else []
+    held = [child for child in out.iterdir() if child.name != PLAN + PARTIAL] if out.is_dir() else []
     if held:  # a plan.json.part alone is left by a run killed while saving its plan: nothing to keep
         if not overwrite:
             what = "holds other files"
@@ -337,9 +338,9 @@ def convert_llava(
                 verdicts.append(verdict)
                 progress.advance()
             plan = _plan(records, verdicts, header)
-            write_atomic(out / PLAN, json.dumps(plan) + "\n")
+            write_text_atomic(out / PLAN, json.dumps(plan) + "\n")
         if not plan["train"]:  # every record rejected: say why, and keep the reasons
-            write_atomic(out / REJECTED, "".join(json.dumps(r) + "\n" for r in plan["rejected"]))
+            write_text_atomic(out / REJECTED, "".join(json.dumps(r) + "\n" for r in plan["rejected"]))
             reasons = Counter(r["reason"] for r in plan["rejected"])
             counts = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
             raise LlavaInputError(
@@ -355,7 +356,7 @@ def convert_llava(
                 out / split, split, entries, source["images"], settings.shard_bytes, pool, progress
             )
             shards[split], kept = [f"{split}/{name}" for name in names], kept + kept_here
-    write_atomic(out / REJECTED, "".join(json.dumps(r) + "\n" for r in plan["rejected"]))
+    write_text_atomic(out / REJECTED, "".join(json.dumps(r) + "\n" for r in plan["rejected"]))
     meta = _meta(plan, records, shards)
-    write_atomic(out / META, json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(out / META, json.dumps(meta, indent=2) + "\n")
     return Summary(meta, kept)

@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from skipvision.atomic import PARTIAL
 from skipvision.data import llava_samples as samples
 from skipvision.data.llava_samples import CheckSettings, Record, Verdict
 from skipvision.errors import DataError
@@ -28,16 +29,8 @@ from skipvision.errors import DataError
 if TYPE_CHECKING:
     from skipvision.data.llava import Progress
 
-PART = ".part"
 TAR_BLOCK = 512
 CHUNK = 16  # records per task sent to a worker process
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that it is either the old file or the whole new one, never a part."""
-    tmp = path.with_name(path.name + PART)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 _checker: samples.Checker | None = None  # a worker process's own (its tokenizer loads once)
@@ -142,7 +135,7 @@ def shard_keys(path: Path) -> list[str] | None:
 def finished_shards(folder: Path, split: str, keys: list[str]) -> tuple[list[str], int]:
     """The complete shards holding the first of ``keys`` (the split's plan), in order, and how many samples they
     hold. Partial shards and shards that do not continue the plan are deleted: they are written again."""
-    for part in folder.glob(f"*{PART}"):
+    for part in folder.glob(f"*{PARTIAL}"):
         part.unlink()
     names: list[str] = []
     done = 0
@@ -167,7 +160,7 @@ class _Renamer:
 
     def __call__(self, part: str) -> None:
         if not self.interrupted:
-            final = part.removesuffix(PART)
+            final = part.removesuffix(PARTIAL)
             os.replace(part, final)
             self.names.append(Path(final).name)
 
@@ -191,7 +184,7 @@ def write_split(
     progress.phase(split, len(entries), done)
     if done == len(entries):
         return names, kept
-    pattern = str(folder).replace("%", "%%") + f"/llava-{split}-%06d.tar{PART}"
+    pattern = str(folder).replace("%", "%%") + f"/llava-{split}-%06d.tar{PARTIAL}"
     post = _Renamer(names)
     # Shards by bytes only; fixed mtimes (and tar's fixed owner and mode) make the bytes reproducible.
     writer = wds.ShardWriter(

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from skipvision.atomic import write_text_atomic
 from skipvision.errors import OutputExistsError
 from skipvision.eval.scoring import METRICS
 
@@ -112,7 +113,5 @@ def write_outputs(
     rows = "".join(json.dumps(row) + "\n" for row in prediction_rows(task, items, results))
     document = json.dumps(metrics_document(task, data, items, results, settings), indent=2) + "\n"
     for name, text in zip(OUTPUT_FILES, (rows, document, table), strict=True):
-        partial = out / f".{name}.partial"
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(out / name)
+        write_text_atomic(out / name, text)
     return table
