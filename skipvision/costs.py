@@ -13,7 +13,13 @@ the same way. What each method computes:
 * FastV: every token in layers < K; from layer K on, the ``floor(ratio * image slots)`` dropped image tokens are
   gone, and the cache keeps only the survivors. FastV is training-free: its training step is the full model's.
 * PyramidDrop: FastV's count at every stage boundary, each on the image tokens the previous stages left, in
-  training and at prefill.
+  training and at prefill;
+* Skip-Vision with a ``drop`` schedule: the stages drop among the S slots, so the FFN count stays;
+* mod_router: every token present and cached; in layer l, ``floor((1 - ratio_l) * image slots)`` skip the FFN.
+
+The work a method spends choosing tokens is counted too (:class:`LayerTokens` ``routed`` and ``scored``), so the
+in-LLM methods' measured prefill FLOPs equal their schedules'. Each method produces its own schedule
+(:meth:`~skipvision.skip.policies.base.SkipPolicy.schedule`, docs/methods.md "Costs of a method").
 
 The schedule is per layer so that staged methods (tokens dropped at several layer boundaries) and per-layer routers
 (a different token subset per layer) fit the same model. FLOPs are additive over samples: sum per-prompt schedules.
@@ -28,7 +34,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from skipvision.flops import LLMShape, analytic_forward_breakdown, train_step_from_forward
-from skipvision.skip.policies.base import DropStage
+from skipvision.skip.layout import DropStage, SlotLayout
 
 if TYPE_CHECKING:
     from skipvision.model import VisionLanguageModel
@@ -36,14 +42,20 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LayerTokens:
-    """One decoder layer of one prompt: ``present`` tokens (queries = keys), ``ffn`` of them running the FFN."""
+    """One decoder layer of one prompt: ``present`` tokens (queries = keys), ``ffn`` of them running the FFN, and the
+    work a method spends choosing tokens there: ``routed`` tokens of the layer's input scored by a ``Linear(D, 1)``
+    router (mod_router), ``scored`` tokens whose query and key projections feed one attention row at the layer's
+    input (the scoring before a drop at the next layer; skipvision/skip/dropping.py's ``last_token_attention``)."""
 
     present: int
     ffn: int
+    routed: int = 0
+    scored: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.ffn <= self.present:
-            raise ValueError(f"need 0 <= ffn <= present, got {self}")
+        for name in ("ffn", "routed", "scored"):
+            if not 0 <= getattr(self, name) <= self.present:
+                raise ValueError(f"need 0 <= {name} <= present, got {self}")
 
 
 @dataclass(frozen=True)
@@ -61,11 +73,44 @@ class TokenSchedule:
             raise ValueError(f"cached={self.cached} must lie in 0..the most tokens present in a layer")
 
     @classmethod
+    def of_layout(
+        cls,
+        num_layers: int,
+        text: int,
+        layout: SlotLayout,
+        images: int = 1,
+        stages: Sequence[DropStage] = (),
+        ffn_layers: Collection[int] | None = None,
+    ) -> TokenSchedule:
+        """``text`` tokens and ``images`` images of ``layout``'s slots: the S slots run no FFN in ``ffn_layers``
+        (Skip-FFN layer indices in 0..L-1; None: every layer); at each stage's layer K_i, ``floor(ratio *
+        droppable tokens still present)`` fewer tokens (skipvision/skip/dropping.py's count, stage after stage, on
+        the layout's droppable slots: S when there are any, else every image slot). The cache keeps the final
+        survivors but S."""
+        tokens = text + layout.slots * images
+        skipped, droppable = layout.skipped * images, layout.droppable * images
+        hooked = set(range(num_layers) if ffn_layers is None else ffn_layers)
+        bounds = [stage.layer for stage in stages]
+        for k, before in zip(bounds, [0, *bounds], strict=False):
+            if not before < k < num_layers:
+                raise ValueError(
+                    f"token dropping: stage layers (K) must increase within [1, {num_layers - 1}], got {k}"
+                )
+        start, layers = 0, []
+        for stage in (*stages, DropStage(num_layers, 0.0)):  # the last entry closes the final run of layers
+            layers += [LayerTokens(tokens, tokens - (skipped if i in hooked else 0)) for i in range(start, stage.layer)]
+            if stage.layer < num_layers:  # the row that ranks this stage's drop, on layer K - 1's input
+                layers[-1] = replace(layers[-1], scored=tokens)
+            dropped = math.floor(droppable * stage.ratio)
+            tokens, droppable, start = tokens - dropped, droppable - dropped, stage.layer
+            skipped -= dropped if layout.skips else 0
+        return cls(tuple(layers), tokens - skipped)
+
+    @classmethod
     def full(cls, num_layers: int, text: int, visual: int, images: int = 1) -> TokenSchedule:
         """The full model (and ``merge_only``, with ``visual`` the merged count): ``text`` tokens and ``images`` x
         ``visual`` slots, all present and running the FFN in every layer, all cached."""
-        tokens = text + visual * images
-        return cls((LayerTokens(tokens, tokens),) * num_layers, tokens)
+        return cls.of_layout(num_layers, text, SlotLayout(visual), images)
 
     @classmethod
     def skip_vision(
@@ -79,32 +124,15 @@ class TokenSchedule:
         ffn_layers: Collection[int] | None = None,
     ) -> TokenSchedule:
         """Skip-Vision: ``text`` tokens and ``images`` x (N_r + N_s + summaries) slots, all present; the N_s
-        ``skipped`` slots of each image run no FFN in ``ffn_layers`` (Skip-FFN layer indices in 0..L-1; None: every
-        layer) and leave the cache after prefill."""
-        tokens = text + (retained + skipped + summaries) * images
-        skipped_tokens = skipped * images
-        hooked = range(num_layers) if ffn_layers is None else ffn_layers
-        layers = tuple(LayerTokens(tokens, tokens - (skipped_tokens if i in hooked else 0)) for i in range(num_layers))
-        return cls(layers, tokens - skipped_tokens)
+        ``skipped`` slots of each image run no FFN in ``ffn_layers`` and leave the cache after prefill."""
+        return cls.of_layout(num_layers, text, SlotLayout(retained, skipped, summaries), images, (), ffn_layers)
 
     @classmethod
     def dropped(
         cls, num_layers: int, text: int, visual: int, stages: Sequence[DropStage], images: int = 1
     ) -> TokenSchedule:
-        """In-LLM drops (FastV, PyramidDrop): ``text`` tokens and ``images`` x ``visual`` slots in layers < K_1;
-        at each stage's layer K_i, ``floor(ratio * image tokens still present)`` fewer (skipvision/skip/dropping.py's
-        count, composed stage after stage). The cache keeps the final survivors."""
-        tokens, candidates, start, layers = text + visual * images, visual * images, 0, []
-        for stage in stages:
-            if not start < stage.layer < num_layers:
-                raise ValueError(
-                    f"token dropping: stage layers (K) must increase within [1, {num_layers - 1}], got {stage.layer}"
-                )
-            layers += [LayerTokens(tokens, tokens)] * (stage.layer - start)
-            dropped = math.floor(candidates * stage.ratio)
-            tokens, candidates, start = tokens - dropped, candidates - dropped, stage.layer
-        layers += [LayerTokens(tokens, tokens)] * (num_layers - start)
-        return cls(tuple(layers), tokens)
+        """In-LLM drops (FastV, PyramidDrop) on ``images`` x ``visual`` full-compute slots (:meth:`of_layout`)."""
+        return cls.of_layout(num_layers, text, SlotLayout(visual), images, stages)
 
     @classmethod
     def fastv(cls, num_layers: int, text: int, visual: int, layer: int, ratio: float, images: int = 1) -> TokenSchedule:
@@ -116,23 +144,11 @@ class TokenSchedule:
 
 def model_schedule(model: VisionLanguageModel, text: int, images: int = 1, training: bool = False) -> TokenSchedule:
     """The schedule of a built model for a prompt of ``text`` tokens and ``images`` images (``training``: of a
-    training step rather than a prefill).
-
-    This is the one place that reads a method's settings off the model (``model.visual``'s ``skips`` and slot
-    counts, which hold ``merge_only``'s merged count; the policy's ``drop_stages``; the Skip-FFN layers): the method
-    interface will replace it by each method producing its own schedule.
-    """
+    training step rather than a prefill): its method's own :meth:`~skipvision.skip.policies.base.SkipPolicy.schedule`
+    on its slot layout and Skip-FFN layers."""
     num_layers = LLMShape.from_config(model.backbone.config).layers
-    visual = model.visual
-    if visual.skips:
-        summaries = visual.num_slots - visual.num_retained - visual.num_skipped
-        return TokenSchedule.skip_vision(
-            num_layers, text, visual.num_retained, visual.num_skipped, summaries, images, model.skip_ffn.layers
-        )
-    stages = model.drop_stages(training)
-    if stages:
-        return TokenSchedule.dropped(num_layers, text, visual.num_slots, stages, images)
-    return TokenSchedule.full(num_layers, text, visual.num_slots, images)  # the full model, merge_only, FastV training
+    ffn_layers = None if model.skip_ffn is None else model.skip_ffn.layers
+    return model.visual.policy.schedule(num_layers, text, model.visual.layout, images, training, ffn_layers)
 
 
 def counts_schedule(
@@ -151,16 +167,21 @@ def counts_schedule(
 def forward_breakdown(
     shape: LLMShape, schedule: TokenSchedule, logits_tokens: int, batch: int = 1, causal: bool = False
 ) -> dict[str, int]:
-    """Forward matmul FLOPs by term (:func:`~skipvision.flops.analytic_forward_breakdown`'s keys) of ``batch``
-    prompts following ``schedule``, layer by layer; ``logits_tokens`` of the last layer's tokens get logits.
-    ``causal`` as in :func:`~skipvision.flops.analytic_forward_breakdown`."""
+    """Forward matmul FLOPs by term (:func:`~skipvision.flops.analytic_forward_breakdown`'s keys, plus
+    ``selection``: the methods' routers and scoring rows) of ``batch`` prompts following ``schedule``, layer by layer;
+    ``logits_tokens`` of the last layer's tokens get logits. ``causal`` as in
+    :func:`~skipvision.flops.analytic_forward_breakdown`."""
     if len(schedule.layers) != shape.layers:
         raise ValueError(f"the schedule has {len(schedule.layers)} layers, the LLM {shape.layers}")
     runs = [(layer, len(list(group))) for layer, group in itertools.groupby(schedule.layers)]  # equal neighbours
-    terms = dict.fromkeys(("attn_proj", "attn_scores", "ffn", "lm_head"), 0)
+    terms = dict.fromkeys(("attn_proj", "attn_scores", "ffn", "lm_head", "selection"), 0)
+    q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     for i, (layer, count) in enumerate(runs):
         logits = logits_tokens if i == len(runs) - 1 else 0  # the LM head follows the last layer
         part = analytic_forward_breakdown(replace(shape, layers=count), layer.present, layer.ffn, batch, logits, causal)
+        router = 2 * shape.hidden * layer.routed  # Linear(D, 1) on each routed token
+        row = 2 * shape.hidden * (q_width + kv_width) * layer.scored + 2 * q_width * layer.scored  # projections, q.k
+        part["selection"] = batch * count * (router + row)
         terms = {k: terms[k] + part[k] for k in terms}
     return terms
 

@@ -175,7 +175,8 @@ def train_step_from_forward(
         raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
     linear = terms["attn_proj"] + terms["ffn"] + terms["lm_head"]
     scores = terms["attn_scores"]  # always even: a multiple of 4
-    return (3 if weight_grads else 2) * linear + (7 * scores // 2 if attention == "sdpa" else 3 * scores)
+    selection = terms.get("selection", 0)  # counted once: no gradient reaches a drop's scores; a router's is 2D/token
+    return (3 if weight_grads else 2) * linear + (7 * scores // 2 if attention == "sdpa" else 3 * scores) + selection
 
 
 def flop_counter(count_cpu_sdpa: bool = True) -> FlopCounterMode:

@@ -9,7 +9,6 @@ explicit ``position_ids``; with the ``none`` policy its logits equal the plain H
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +25,12 @@ from skipvision.data.tokenizer import TokenizerError
 from skipvision.encoders.base import VisionEncoder
 from skipvision.errors import SkipvisionError
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS
-from skipvision.skip.dropping import dropping, policy_stages
 from skipvision.skip.ffn import SkipFFN
+from skipvision.skip.in_llm import method_steps
+from skipvision.skip.layout import DropStage, VisualTokens
 from skipvision.skip.masking import text_to_skipped_mask
-from skipvision.skip.policies.base import DropStage
-from skipvision.skip.visual import SkipVisionTokens, VisualTokens
+from skipvision.skip.policies.base import NeedsClsAttention
+from skipvision.skip.visual import SkipVisionTokens
 
 
 class ImageTokenMismatchError(SkipvisionError, ValueError):
@@ -50,6 +50,7 @@ class Embedded:
     ffn_mask: torch.Tensor | None = None  # [B, T] bool, False at skipped slots; None: every token runs the FFN
     aux_loss: torch.Tensor | None = None
     visual_slots: torch.Tensor | None = None  # [B, T] bool, True at every image slot (R, s_R, S, s_S)
+    droppable: torch.Tensor | None = None  # [B, T] bool, the image slots an in-LLM drop may remove
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -100,8 +101,10 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
         self.tiles = None if tiles is None else (int(tiles[0]), int(tiles[1]))
         dim = backbone.config.hidden_size
-        self.visual = visual or SkipVisionTokens(self.visual_tokens_per_image(encoder, self.tiles), dim)
-        self.skip_ffn = SkipFFN(backbone, skip_layers).attach() if self.visual.skips else None
+        num_layers = len(decoder_layers(backbone))
+        tokens = self.visual_tokens_per_image(encoder, self.tiles)
+        self.visual = visual or SkipVisionTokens(tokens, dim, num_layers=num_layers)
+        self.skip_ffn = self._skip_ffn(backbone, skip_layers, num_layers)
         self.mask_text_to_skipped = mask_text_to_skipped  # ablation, training only (see run_backbone)
         # Distributed runs set this: a batch without images still runs the vision side (see idle_vision).
         self.spmd = False
@@ -141,7 +144,8 @@ class VisionLanguageModel(nn.Module):
         mask_text = bool(skip.pop("mask_text_to_skipped", False))
         grid = None if tiles is None else (int(tiles[0]), int(tiles[1]))
         num_tokens = cls.visual_tokens_per_image(enc, grid)
-        visual = SkipVisionTokens(num_tokens=num_tokens, dim=dim, **skip) if skip else None
+        num_layers = len(decoder_layers(llm))
+        visual = SkipVisionTokens(num_tokens=num_tokens, dim=dim, num_layers=num_layers, **skip) if skip else None
         return cls(enc, proj, llm, image_token_id, visual, layers, mask_text, grid)
 
     @classmethod
@@ -157,6 +161,15 @@ class VisionLanguageModel(nn.Module):
             tiles=model_cfg.get("tiles"),
         )
 
+    def _skip_ffn(self, backbone: PreTrainedModel, skip_layers: list[int] | None, num_layers: int) -> SkipFFN | None:
+        """Skip-FFN on the layers where the method skips FFN rows: the layout's S slots in ``skip_layers`` (None:
+        every layer), and the method's routed layers; None when there are neither."""
+        routed = self.visual.policy.routed_layers(num_layers)
+        if not self.visual.layout.skips and not routed:
+            return None
+        layers = range(num_layers) if skip_layers is None or not self.visual.layout.skips else skip_layers
+        return SkipFFN(backbone, sorted({i % num_layers for i in layers} | set(routed))).attach()
+
     @staticmethod
     def visual_tokens_per_image(encoder: VisionEncoder, tiles: tuple[int, int] | None) -> int:
         """N: the encoder's tokens per view times the views per image (1, or thumbnail + tiles)."""
@@ -168,7 +181,7 @@ class VisionLanguageModel(nn.Module):
         return self.visual.num_slots
 
     def drop_stages(self, training: bool) -> tuple[DropStage, ...]:
-        """The policy's in-LLM drops for this backbone's depth (docs/method.md "Peers"); () for most policies."""
+        """The method's in-LLM drops for this backbone's depth (docs/method.md "Peers"); () for most methods."""
         return self.visual.policy.drop_stages(len(decoder_layers(self.backbone)), training)
 
     def image_features(self, pixel_values: torch.Tensor) -> VisualTokens:
@@ -176,7 +189,7 @@ class VisionLanguageModel(nn.Module):
         and which slots run the FFN."""
         images = pixel_values.shape[0]
         views = pixel_values.flatten(0, -4)  # [M*V, 3, H, W]
-        if self.visual.policy.uses_cls_scores:
+        if isinstance(self.visual.policy, NeedsClsAttention):
             feats, cls_scores = self.encoder.forward_with_cls_attention(views)  # [M*V, n, C], [M*V, n]
         else:
             feats, cls_scores = self.encoder(views), None
@@ -211,7 +224,9 @@ class VisionLanguageModel(nn.Module):
         if not bool(visual.ffn.all()):
             ffn_mask = torch.ones_like(slots)  # [B, T]
             ffn_mask[slots] = visual.ffn.repeat(n_images)  # slots fill row-major, image after image
-        return Embedded(embeds, ffn_mask, visual.aux_loss, slots)
+        droppable = torch.zeros_like(slots)  # [B, T]
+        droppable[slots] = self.visual.layout.drop_candidates(slots.device).repeat(n_images)
+        return Embedded(embeds, ffn_mask, visual.aux_loss, slots, droppable)
 
     def idle_vision(self, like: torch.Tensor) -> torch.Tensor:
         """A zero computed through the encoder, projector and skip tokens (summaries, learned policy) on one blank
@@ -236,7 +251,8 @@ class VisionLanguageModel(nn.Module):
         cache: Any = None,
         logits_to_keep: int = 0,
     ) -> Any:
-        """The backbone over the full sequence with the Skip-FFN plan of ``embedded`` (training and prefill).
+        """The backbone over the full sequence (training and prefill), within
+        :func:`~skipvision.skip.in_llm.method_steps`.
 
         ``logits_to_keep`` 1 computes the LM head at the last position only (prefill); 0 at every position.
 
@@ -245,8 +261,6 @@ class VisionLanguageModel(nn.Module):
         slots still attend causally to everything. Eval mode (validation, prefill) keeps the paper's final
         choice: text attends to S.
         """
-        if self.skip_ffn is not None:
-            self.skip_ffn.set_plan(embedded.ffn_mask)
         if self.training and self.mask_text_to_skipped and embedded.ffn_mask is not None:
             if embedded.visual_slots is None:
                 raise ValueError("mask_text_to_skipped needs Embedded.visual_slots (set by embed())")
@@ -298,22 +312,15 @@ class VisionLanguageModel(nn.Module):
         num_images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> VLMOutput:
-        """Logits [B, T, V] and the loss over ``labels`` [B, T] (-100: none). With in-LLM :meth:`drop_stages`
-        (PyramidDrop; FastV only at inference), the backbone drops image slots at the stage boundaries, ranked by
-        each row's last instruction token (:func:`instruction_query`); dropped positions' logits are those of a
-        zero hidden state, and no labelled prediction is ever dropped."""
+        """Logits [B, T, V] and the loss over ``labels`` [B, T] (-100: none), with the method's steps inside the
+        LLM (:func:`~skipvision.skip.in_llm.method_steps`). With in-LLM :meth:`drop_stages` (PyramidDrop; FastV
+        only at inference), the backbone drops image slots at the stage boundaries, ranked by each row's last
+        instruction token (:func:`instruction_query`); dropped positions' logits are those of a zero hidden state,
+        and no labelled prediction is ever dropped."""
         embedded = self.embed(input_ids, pixel_values, num_images)  # embeds [B, T, D]
         positions = positions_from_mask(attention_mask)  # [B, T]
-        stages = self.drop_stages(self.training)
-        drops = contextlib.nullcontext()
-        if stages and embedded.visual_slots is not None:
-            query = instruction_query(attention_mask, labels)  # [B]
-            label = type(self.visual.policy).__name__.lower()  # names errors and profiler ranges
-            slots = embedded.visual_slots  # [B, T], the candidates
-            drops = dropping(
-                self.backbone, policy_stages(stages), attention_mask, positions, slots, labels, query, label
-            )
-        with drops:
+        query = instruction_query(attention_mask, labels)  # [B]
+        with method_steps(self, embedded, attention_mask, positions, labels, query):
             out = self.run_backbone(embedded, attention_mask, positions)
         loss = None if labels is None else next_token_loss(out.logits, labels)
         if loss is not None and embedded.aux_loss is not None:

@@ -288,6 +288,7 @@ SKIP_POLICIES = Registry(
         "merge_only": "peer: merges all N tokens to num_tokens, every one with FFN (compression only)",
         "fastv": "peer: training-free FastV, drops the least-attended image tokens from layer K on",
         "pyramid_drop": "peer: PyramidDrop, drops half the least-attended image tokens at each stage, also in training",
+        "mod_router": "peer: p-MoD-style learned router per layer, the top share of image tokens runs that layer's FFN",
     },
 )
 

@@ -19,7 +19,7 @@ from skipvision.recipe import RecipeError, load_recipe
 from .conftest import TESTS
 
 BENCH = TESTS / "recipes" / "bench-tiny.yaml"
-VARIANTS = ["full", "skip_vision", "merge_only", "fastv"]
+VARIANTS = ["full", "skip_vision", "merge_only", "fastv", "pyramid_drop", "mod_router"]
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +48,11 @@ def test_every_variant_has_every_figure(bench_run) -> None:
 def test_kv_bytes_are_the_exact_kept_share(bench_run) -> None:
     _, result = bench_run
     v = result["variants"]
-    slots = {"full": 16, "skip_vision": 10, "merge_only": 10, "fastv": 16}
+    slots = {"full": 16, "skip_vision": 10, "merge_only": 10, "fastv": 16, "pyramid_drop": 16, "mod_router": 16}
     assert {n: v[n]["visual_slots"] for n in VARIANTS} == slots
     text = v["full"]["prompt_tokens"] - 16
     kept = {"full": text + 16, "skip_vision": text + 6, "merge_only": text + 10, "fastv": text + 16 - 8}
+    kept |= {"pyramid_drop": text + 16 - 8, "mod_router": text + 16}  # mod_router's routed tokens stay cached
     assert {n: v[n]["ideal"]["kv_positions"] for n in VARIANTS} == kept
     for name in VARIANTS:
         assert v[name]["ratio"]["kv_bytes"] == v[name]["ideal_ratio"]["kv_bytes"] == kept[name] / kept["full"]
@@ -60,11 +61,14 @@ def test_kv_bytes_are_the_exact_kept_share(bench_run) -> None:
 def test_measured_prefill_flops_against_the_analytic_model(bench_run) -> None:
     _, result = bench_run
     v = result["variants"]
-    # The full model: exactly the encoder + projector + LLM matmuls of the analytic model.
-    assert v["full"]["prefill_flops"] == v["full"]["ideal"]["prefill_flops"]
-    for name in ("skip_vision", "merge_only", "fastv"):  # + [CLS] scores, the merge, FastV's attention row
+    # Exactly the encoder + projector + LLM matmuls of the analytic model, with the in-LLM methods' own selection
+    # work (FastV's and PyramidDrop's scoring rows, mod_router's routers) in their schedules.
+    for name in ("full", "fastv", "pyramid_drop", "mod_router"):
+        assert v[name]["prefill_flops"] == v[name]["ideal"]["prefill_flops"], name
+    for name in ("skip_vision", "merge_only"):  # + the [CLS] scores, the merge and the summaries (not modelled)
         assert v[name]["ideal"]["prefill_flops"] <= v[name]["prefill_flops"] <= 1.1 * v[name]["ideal"]["prefill_flops"]
-    assert v["skip_vision"]["ratio"]["prefill_flops"] < 1 and v["fastv"]["ratio"]["prefill_flops"] < 1
+    for name in ("skip_vision", "fastv", "pyramid_drop", "mod_router"):
+        assert v[name]["ratio"]["prefill_flops"] < 1, name
 
 
 def test_fastv_is_evaluated_with_the_full_models_weights(bench_run, tiny_shapes: Path) -> None:
@@ -88,7 +92,7 @@ def test_variants_build_from_the_same_seed(tiny_shapes: Path, tmp_path: Path) ->
     assert torch.equal(full.encoder.model.pos_embed, skip.encoder.model.pos_embed)
     shape = LLMShape.from_config(full.backbone.config)
     schedule = model_schedule(variants["fastv"].module.model, 30 - 16)  # 8 of the 16 slots dropped from layer 1
-    assert schedule.layers == (LayerTokens(30, 30),) + (LayerTokens(22, 22),) * (shape.layers - 1)
+    assert schedule.layers == (LayerTokens(30, 30, scored=30),) + (LayerTokens(22, 22),) * (shape.layers - 1)
     assert prefill_flops(shape, schedule) < prefill_flops(shape, TokenSchedule.full(shape.layers, 14, 16))
 
 
@@ -113,14 +117,29 @@ def test_profile_names_the_skip_machinery(tiny_shapes: Path, tmp_path: Path) -> 
         assert f"skipvision::{label}" in blocks["skip_vision"]
     assert "skipvision::merge" in blocks["merge_only"] and "skipvision::skip_ffn" not in blocks["merge_only"]
     assert "skipvision::fastv_score" in blocks["fastv"] and "skipvision::fastv_prune" in blocks["fastv"]
+    assert "skipvision::pyramiddrop_score" in blocks["pyramid_drop"] and "pyramiddrop_prune" in blocks["pyramid_drop"]
+    assert "skipvision::mod_router_route" in blocks["mod_router"] and "skip_ffn_gather" in blocks["mod_router"]
     assert "skipvision::" not in blocks["full"]
 
 
 @pytest.mark.parametrize(
     ("recipe", "slots"),
     [
-        ("bench-llava", {"full": 576, "skip_vision": 258, "merge_only": 258, "fastv": 576}),
-        ("bench-hd", {"full": 1728, "skip_vision": 1154, "merge_only": 1154, "fastv": 1728}),
+        (
+            "bench-llava",
+            {"full": 576, "skip_vision": 258, "merge_only": 258, "fastv": 576, "pyramid_drop": 576, "mod_router": 576},
+        ),
+        (  # bench-hd inherits bench-llava's variants and sets its own Skip-Vision, merge_only and fastv
+            "bench-hd",
+            {
+                "full": 1728,
+                "skip_vision": 1154,
+                "merge_only": 1154,
+                "fastv": 1728,
+                "pyramid_drop": 1728,
+                "mod_router": 1728,
+            },
+        ),
     ],
 )
 def test_shipped_bench_recipes_resolve_to_their_token_plans(recipe: str, slots: dict) -> None:
@@ -132,4 +151,4 @@ def test_shipped_bench_recipes_resolve_to_their_token_plans(recipe: str, slots: 
         assert model.num_image_tokens == slots[name], name
         if name == "skip_vision":
             want = (100, 156) if recipe == "bench-llava" else (576, 576)
-            assert (model.visual.num_retained, model.visual.num_skipped) == want
+            assert (model.visual.layout.retained, model.visual.layout.skipped) == want

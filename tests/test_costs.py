@@ -15,6 +15,7 @@ from skipvision.costs import (
     TokenSchedule,
     counts_schedule,
     decode_step_flops,
+    forward_breakdown,
     model_schedule,
     prefill_flops,
     train_step_flops,
@@ -54,13 +55,16 @@ def test_fastv_by_hand_drops_the_floor(visual: int, images: int, ratio: float, d
     tokens = 5 + visual * images
     schedule = TokenSchedule.fastv(4, text=5, visual=visual, layer=2, ratio=ratio, images=images)
     kept = tokens - dropped
-    assert schedule.layers == (LayerTokens(tokens, tokens),) * 2 + (LayerTokens(kept, kept),) * 2
+    scoring = LayerTokens(tokens, tokens, scored=tokens)  # layer K - 1 = 1 ranks the drop with one attention row
+    assert schedule.layers == (LayerTokens(tokens, tokens), scoring) + (LayerTokens(kept, kept),) * 2
     assert schedule.cached == kept
 
 
 def test_impossible_schedules_raise() -> None:
     with pytest.raises(ValueError, match="0 <= ffn <= present"):
         LayerTokens(3, 4)
+    with pytest.raises(ValueError, match="0 <= scored <= present"):
+        LayerTokens(3, 3, scored=4)
     with pytest.raises(ValueError, match="cached=9"):
         TokenSchedule((LayerTokens(8, 8),), cached=9)
     with pytest.raises(ValueError, match=r"layer \(K\) must be in \[1, 3\]"):
@@ -138,8 +142,8 @@ def test_full_and_skip_vision_prefill_measure_their_schedules(lm: torch.nn.Modul
 
 @torch.no_grad()
 def test_fastv_prefill_measures_its_schedule_plus_the_scoring_row(lm: torch.nn.Module) -> None:
-    """FastV's prefill is its schedule's FLOPs plus the one attention row it scores by in layer K - 1 (measured
-    alone); ratio 0.45 of 10 slots drops floor(4.5) = 4."""
+    """FastV's prefill is its schedule's FLOPs, whose ``selection`` term is the one attention row it scores by
+    in layer K - 1 (measured alone); ratio 0.45 of 10 slots drops floor(4.5) = 4."""
     shape, (embeds, mask, slots) = LLMShape.from_config(lm.config), prompt()
     positions = positions_from_mask(mask)  # [1, T]
     cache = DynamicCache(config=lm.config)
@@ -148,5 +152,6 @@ def test_fastv_prefill_measures_its_schedule_plus_the_scoring_row(lm: torch.nn.M
     adapter, layer0 = adapter_for(lm.config), decoder_layers(lm)[0]
     row = measured_flops(lambda: last_token_attention(adapter, layer0, embeds, rotary, mask))
     schedule = TokenSchedule.fastv(LAYERS, TEXT, SLOTS, layer=1, ratio=0.45)
-    assert schedule.cached == TEXT + SLOTS - 4
-    assert run == prefill_flops(shape, schedule) + row
+    assert schedule.cached == TEXT + SLOTS - 4 and schedule.layers[0].scored == TEXT + SLOTS
+    assert forward_breakdown(shape, schedule, 1)["selection"] == row
+    assert run == prefill_flops(shape, schedule)

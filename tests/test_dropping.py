@@ -58,11 +58,13 @@ def reference_row(
     query: int,
     drops: list[list[int]] | None = None,
     extra: int = 0,
+    no_ffn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[int], list[list[int]], list[tuple[list[int], torch.Tensor]]]:
     """One row alone: ``embeds`` [n, D], ``valid``/``slots`` [n]. At each boundary the ``query`` position's attention
     row (eager math) ranks the remaining slots and the lowest ``floor(ratio * slots)`` leave the sequence (or
     ``drops``, given per stage). The last ``extra`` positions (decoded tokens) never see a dropped position, in any
-    layer, as after cache trimming. Returns the final hidden states [n', D], the surviving positions, the drops per
+    layer, as after cache trimming; positions ``no_ffn`` [n] bool (Skip-FFN's S slots) get a zero MLP output in every
+    layer. Returns the final hidden states [n', D], the surviving positions, the drops per
     stage and per layer (positions present, their keys [H_kv, n_i, hd])."""
     base = model.model
     positions = positions_from_mask(valid[None])[0]  # [n]
@@ -97,7 +99,13 @@ def reference_row(
                 made.append(sorted(kept[j] for j in worst))
             else:
                 made.append(drops[stage])
+        handle = None
+        if no_ffn is not None:
+            gate = (~no_ffn[idx]).to(h.dtype)[None, :, None]  # [1, n_i, 1]
+            handle = layer.mlp.register_forward_hook(lambda _m, _a, out, gate=gate: out * gate)
         h = layer(h, attention_mask=additive, position_embeddings=(cos, sin), position_ids=positions[idx][None])
+        if handle is not None:
+            handle.remove()
         if stage is not None:
             survive = [j for j, t in enumerate(kept) if t not in made[stage]]
             h = h[:, survive]  # [1, n_{i+1}, D]

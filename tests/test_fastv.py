@@ -14,6 +14,7 @@ from skipvision.adapters import decoder_layers
 from skipvision.model import positions_from_mask
 from skipvision.registry import SKIP_POLICIES
 from skipvision.skip.fastv import fastv_prefill
+from skipvision.skip.layout import SlotLayout
 from skipvision.skip.policies.base import DropStage
 from skipvision.skip.visual import SkipVisionTokens
 
@@ -124,7 +125,7 @@ def test_invalid_arguments_raise_naming_the_valid_range(models) -> None:
 
 def test_policy_keeps_every_token_at_the_token_stage() -> None:
     policy = SKIP_POLICIES.build(SKIP_POLICIES.tiny_spec("fastv"))
-    assert (policy.skips, policy.merge_to, policy.layer, policy.ratio) == (False, None, 1, 0.5)
+    assert (policy.layout(6, None, True), policy.layer, policy.ratio) == (SlotLayout(6), 1, 0.5)
     assert policy.drop_stages(4, training=False) == (DropStage(1, 0.5),)
     assert policy.drop_stages(4, training=True) == ()  # training-free: its training step is the full model's
     visual = SkipVisionTokens(num_tokens=6, dim=8, policy={"name": "fastv", "layer": 2, "ratio": 0.5})

@@ -12,6 +12,7 @@ from skipvision.compressors.token_merge import merge_tokens
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.model import VisionLanguageModel
 from skipvision.registry import BACKBONES, ENCODERS, SKIP_POLICIES
+from skipvision.skip.layout import SlotLayout
 
 from .test_model import make_batch
 
@@ -76,4 +77,4 @@ def test_invalid_token_counts_raise(tokenizer) -> None:
 
 def test_tiny_spec_builds_a_non_skipping_policy() -> None:
     policy = SKIP_POLICIES.build(SKIP_POLICIES.tiny_spec("merge_only"))
-    assert (policy.skips, policy.merge_to, policy.drop_stages(4, training=False)) == (False, 4, ())
+    assert (policy.layout(6, 2, True), policy.drop_stages(4, training=False)) == (SlotLayout(4), ())

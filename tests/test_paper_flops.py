@@ -66,7 +66,7 @@ def test_paper_models_build_on_meta_with_the_paper_token_counts(
     assert model.encoder.out_dim == 1024
     assert len(model.encoder.tower.encoder.layers) == 23  # penultimate layer: the last of 24 is removed
     assert model.num_image_tokens == slots
-    assert int(model.visual.slot_ffn().sum()) == slots - 156  # FFN skipped on the 156 merged tokens only
+    assert int(model.visual.layout.ffn().sum()) == slots - 156  # FFN skipped on the 156 merged tokens only
     shape = LLMShape.from_config(model.backbone.config)
     assert (shape.hidden, shape.intermediate, shape.layers, shape.kv_heads, shape.vocab) == (
         hidden,

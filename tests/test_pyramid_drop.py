@@ -20,6 +20,7 @@ from skipvision.inference import GenerationConfig, Request, VLMGenerator
 from skipvision.model import VisionLanguageModel, instruction_query, next_token_loss
 from skipvision.paper import build_meta_model
 from skipvision.registry import BACKBONES, ENCODERS, SKIP_POLICIES
+from skipvision.skip.layout import SlotLayout
 from skipvision.skip.policies.base import DropStage
 
 from .conftest import TINY_RECIPE
@@ -52,7 +53,7 @@ def test_stages_scale_with_depth_and_fastv_drops_only_at_inference() -> None:
     assert [s.layer for s in default.drop_stages(4, training=False)] == [1, 2, 3]
     assert [s.layer for s in default.drop_stages(2, training=True)] == [1]  # round(0.5), 1 and 2 deduplicated
     assert {s.ratio for s in default.drop_stages(32, training=True)} == {0.5}
-    assert not default.skips and default.merge_to is None
+    assert default.layout(6, 2, True) == SlotLayout(6)  # every token kept before the LLM, all with FFN
     fastv = SKIP_POLICIES.build({"name": "fastv", "layer": 3, "ratio": 0.25})
     assert fastv.drop_stages(8, training=False) == (DropStage(3, 0.25),) and fastv.drop_stages(8, training=True) == ()
     assert SKIP_POLICIES.build("none").drop_stages(8, training=False) == ()
@@ -108,8 +109,11 @@ def test_cost_schedule_by_hand_on_a_4_layer_model() -> None:
     model = build_meta_model(
         str(BENCH), ["model.backbone.config.num_hidden_layers=4", "model.skip.policy=pyramid_drop"]
     )
-    one = TokenSchedule(tuple(LayerTokens(n, n) for n in (28, 20, 16, 14)), cached=14)
-    two = TokenSchedule(tuple(LayerTokens(n, n) for n in (44, 28, 20, 16)), cached=16)
+    def layers(*present: int) -> tuple[LayerTokens, ...]:  # layers 0..2 each score the next layer's drop
+        return tuple(LayerTokens(n, n, scored=n if i < 3 else 0) for i, n in enumerate(present))
+
+    one = TokenSchedule(layers(28, 20, 16, 14), cached=14)
+    two = TokenSchedule(layers(44, 28, 20, 16), cached=16)
     assert model_schedule(model, 12) == one == model_schedule(model, 12, training=True)
     assert model_schedule(model, 12, images=2) == two
     assert TokenSchedule.dropped(4, 12, 16, [DropStage(2, 0.5)]) == TokenSchedule.fastv(4, 12, 16, 2, 0.5)

@@ -75,7 +75,7 @@ def test_a_checkpoint_uses_its_own_recipe(tiny_overrides: list[str], tmp_path: P
         copy.write_text(yaml.safe_dump(folder_recipe))
     with pytest.warns(UserWarning, match="differs from the recipe stored in .*step=2.ckpt; using the checkpoint's own"):
         generator = VLMGenerator.from_checkpoint(run / "checkpoints" / "step=2.ckpt")
-    assert generator.model.num_image_tokens == 16 and not generator.model.visual.skips  # the checkpoint's: no skip
+    assert generator.model.num_image_tokens == 16 and not generator.model.visual.layout.skips  # the checkpoint: no skip
 
 
 def test_a_file_that_is_not_a_checkpoint_says_so(tiny_overrides: list[str], tmp_path: Path, capsys) -> None:

@@ -15,6 +15,7 @@ from skipvision.lit.module import VLMLitModule
 from skipvision.model import Embedded, VisionLanguageModel, positions_from_mask
 from skipvision.recipe import SkipConfig, load_recipe
 from skipvision.registry import BACKBONES, ENCODERS
+from skipvision.skip.in_llm import method_steps
 from skipvision.skip.masking import text_to_skipped_mask
 
 from .conftest import TINY_RECIPE
@@ -61,7 +62,7 @@ def run(
         lambda _m, _a, out: first.append(out[0] if isinstance(out, tuple) else out)
     )
     try:
-        with torch.no_grad():
+        with torch.no_grad(), method_steps(model, embedded, batch["attention_mask"], pos):
             return model.run_backbone(embedded, batch["attention_mask"], pos).logits, first[0]
     finally:
         hook.remove()

@@ -32,11 +32,11 @@ def assert_partition(split: TokenSplit, batch: int, num_tokens: int, num_retaine
 @pytest.mark.parametrize("name", SKIP_POLICIES.names())
 def test_every_policy_builds_from_its_tiny_spec_and_partitions_the_tokens(name: str) -> None:
     torch.manual_seed(0)
-    policy = SKIP_POLICIES.build(SKIP_POLICIES.tiny_spec(name), **({"dim": 8} if name == "router" else {}))
+    policy = SKIP_POLICIES.build(SKIP_POLICIES.tiny_spec(name), optional={"dim": 8, "num_layers": 2})
     features, cls_scores = torch.randn(2, 6, 8), torch.rand(2, 6)
     for scores in (cls_scores, None):
         split = policy.split(features, scores)
-        assert_partition(split, 2, 6, 2 if policy.skips else 6)
+        assert_partition(split, 2, 6, 2 if policy.layout(6, None, False).skips else 6)
 
 
 def test_uniform_spreads_the_retained_tokens_evenly() -> None:

@@ -50,7 +50,7 @@ def test_paper_hd_recipe_builds_on_meta_with_the_papers_token_counts() -> None:
     )
     assert model.tiles == (2, 2) and model.encoder.num_tokens == 576
     assert model.visual.num_tokens == 5 * 576
-    assert (model.visual.num_retained, model.visual.num_skipped) == (576, 576)
+    assert (model.visual.layout.retained, model.visual.layout.skipped) == (576, 576)
     assert model.num_image_tokens == 576 + 1 + 576 + 1
     assert all(p.device.type == "meta" for p in model.parameters())
 

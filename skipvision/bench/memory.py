@@ -141,7 +141,7 @@ def memory_per_rank(
         counts[trainable(name)] += p.numel()
     total, train = counts[True] + counts[False], counts[True]
     tokens = model.num_image_tokens + text_tokens
-    skipped = int((~model.visual.slot_ffn()).sum())
+    skipped = model.visual.layout.skipped
     backbone = model.backbone.to(torch.bfloat16)
     layers = len(decoder_layers(backbone))
     layer = layer_activation_bytes(backbone, batch, tokens, tokens - skipped)

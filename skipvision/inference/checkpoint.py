@@ -107,7 +107,7 @@ def load_llava_folder(
     parts = ({"name": tower, "path": str(path)}, {"name": "mlp2x_gelu", "weights": str(path)})
     backbone = {"name": "hf_causal_lm", "path": str(path)}
     model = VisionLanguageModel.from_specs(*parts, backbone, tokenizer, IMAGE_PLACEHOLDER, skip=skip)
-    if model.visual.skips or any(True for _ in model.visual.parameters()):
+    if model.visual.layout.skips or any(True for _ in model.visual.parameters()):
         raise CheckpointError(
             f"{path}: skip policy {type(model.visual.policy).__name__} needs training (new summary tokens or a learned "
             "score); an untrained LLaVA folder runs the full model or a training-free method (fastv, merge_only)"

@@ -34,6 +34,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from skipvision.adapters import decoder_layers
 from skipvision.data.samples import IMAGE_PLACEHOLDER
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.encoders.hf_vision import HFVisionTower
@@ -43,6 +44,7 @@ from skipvision.model import VisionLanguageModel
 from skipvision.projectors import MLPProjector
 from skipvision.recipe import load_recipe, save_recipe
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS, resolve_spec
+from skipvision.skip.layout import SlotLayout
 from skipvision.weights.llava import IN_MEMORY_LAYOUT
 from skipvision.weights.strict import load_strict
 
@@ -157,9 +159,12 @@ def export_llava_hf(
     transformers' ``LlavaForConditionalGeneration`` loads: the tower cut at its feature layer (LLaVA's feature layer
     becomes its last, -1), the projector's layers as ``linear_1``/``linear_2``."""
     tower = model.encoder
-    if model.visual.skips or model.visual.merge_to is not None or model.tiles is not None:
+    num_layers = len(decoder_layers(model.backbone))
+    plain = model.visual.layout == SlotLayout(model.visual.num_tokens) and model.tiles is None
+    if not plain or model.drop_stages(training=True) or model.visual.policy.routed_layers(num_layers):
         raise UnsupportedModelError(
-            "--format llava-hf holds no skipping, merging or HD tiles: export such a model in the skipvision format"
+            "--format llava-hf holds no skipping, merging, trained in-LLM drops or routers, or HD tiles: export such "
+            "a model in the skipvision format"
         )
     if tower.pad_to_square:
         raise UnsupportedModelError("--format llava-hf does not carry pad_to_square; use the skipvision format")

@@ -24,11 +24,12 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from skipvision.adapters import SLIDING, DecoderAdapter, adapter_for
 from skipvision.errors import SkipvisionError
-from skipvision.inference.kv import Removal, drop_cache_positions, kv_cache_bytes, prune_mask, stored_lengths
+from skipvision.inference.kv import kv_cache_bytes, prune_mask, stored_lengths
 from skipvision.inference.sampling import GenerationConfig, TokenChooser
 from skipvision.inference.stats import GenerationStats, StepClock, step_times
 from skipvision.inference.stopping import Stopping, StopStrings, decode_text
 from skipvision.model import VisionLanguageModel, positions_from_mask
+from skipvision.skip.in_llm import prefill as method_prefill
 
 
 class PromptTooLongError(SkipvisionError, ValueError):
@@ -87,28 +88,8 @@ def prefill(
     """Steps 1-2: the training forward with the cache on, then the removal. ids/mask [B, P] (left-padded)."""
     embedded = model.embed(prompt_ids, pixel_values, num_images)  # embeds [B, P, D]
     positions = positions_from_mask(prompt_mask)  # [B, P]
-    policy = model.visual.policy
-    removal: Removal | None = None
-    stages = policy.drop_stages(len(adapter_for(model.backbone.config).layers(model.backbone)), training=False)
-    if stages:
-        from skipvision.skip.dropping import dropped_prefill, policy_stages
-
-        slots = embedded.visual_slots if embedded.visual_slots is not None else torch.zeros_like(prompt_mask).bool()
-        label = type(policy).__name__.lower()  # names errors and profiler ranges (FastV: skipvision::fastv_prune)
-        out = dropped_prefill(
-            model.backbone, embedded.embeds, prompt_mask, positions, slots, cache, policy_stages(stages), label
-        )
-        logits, kv_bytes, removal = out.logits, out.kv_bytes_before, out.removal
-    else:
-        try:
-            out = model.run_backbone(embedded, prompt_mask, positions, cache, logits_to_keep=1)
-        finally:
-            if model.skip_ffn is not None:
-                model.skip_ffn.set_plan(None)  # decode steps run the plain MLP
-        logits, kv_bytes = out.logits[:, -1], kv_cache_bytes(cache)  # [B, V]
-        if drop_kv and embedded.ffn_mask is not None:
-            removal = Removal.plan(embedded.ffn_mask)  # keep text, R and both summaries; drop S
-            drop_cache_positions(cache, removal)
+    out = method_prefill(model, embedded, prompt_mask, positions, cache, drop_kv)
+    logits, removal, kv_bytes = out.logits, out.removal, out.kv_bytes
     if removal is None:
         return Prefilled(logits, prompt_mask, positions, kv_bytes)
     columns = removal.index.to(positions.device)  # [B, K]

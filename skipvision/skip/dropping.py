@@ -43,7 +43,7 @@ from transformers import DynamicCache, PreTrainedModel
 from skipvision.adapters import SLIDING, DecoderAdapter, adapter_for
 from skipvision.data.chat import IGNORE_INDEX
 from skipvision.inference.kv import Removal, drop_cache_positions, keep_last, kv_cache_bytes, prune_mask, stored_lengths
-from skipvision.skip.policies.base import DropStage
+from skipvision.skip.layout import DropStage
 
 # (scores [B, T'] of the current survivors, candidates [B, T'] bool) -> which to drop [B, T'] bool
 DropRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -145,8 +145,10 @@ class Dropper:
         labels: torch.Tensor | None,
         query_index: torch.Tensor | None,
         label: str,
+        follow: Callable[[Removal], None] | None = None,
     ) -> None:
         self.adapter = adapter
+        self.follow = follow  # told each new composed removal, before the layer that first runs without it
         self.label = label  # names the profiler ranges skipvision::<label>_score and _prune
         self.stages = {stage.layer: stage for stage in stages}
         self.position_ids = position_ids  # [B, T], true positions
@@ -202,6 +204,8 @@ class Dropper:
         hidden = gather(args[0], plan.index.to(args[0].device))  # [B, T', D]
         self.removal = plan if self.removal is None else compose(self.removal, plan)
         self.plans.append(plan)
+        if self.follow is not None:
+            self.follow(self.removal)
         index = self.removal.index.to(hidden.device)  # [B, T'] into the T input positions
         self.positions = self.position_ids.expand(index.shape[0], -1).gather(1, index)  # [B, T'], true
         self.mask = prune_mask(self.mask, plan).to(hidden.device)  # [B, T'], fillers 0
@@ -273,6 +277,7 @@ def dropping(
     labels: torch.Tensor | None = None,
     query_index: torch.Tensor | None = None,
     label: str = "drop",
+    follow: Callable[[Removal], None] | None = None,
 ) -> Iterator[Dropper]:
     """Within the block, forwards of ``backbone`` (an HF causal LM) drop tokens by ``stages``; hooks are removed on
     exit, also on error.
@@ -280,13 +285,15 @@ def dropping(
     ``attention_mask`` [B, T] (1 = real), ``position_ids`` [B, T] (true positions) and ``candidates`` [B, T] bool
     (the droppable image slots) describe the forward's input; ``labels`` [B, T] (unshifted, -100 = none) guards
     against dropping a labelled prediction; ``query_index`` [B] is each row's scoring token (default: the last
-    position, so prompts must be left-padded); ``label`` names the profiler ranges. After the forward,
-    ``dropper.removal`` holds the final survivors.
+    position, so prompts must be left-padded); ``label`` names the profiler ranges; ``follow`` is told every new
+    survivor set (a :class:`Removal` of the T input positions) before the first layer without the dropped ones, so
+    per-row state of the caller (the Skip-FFN plan) can follow the sequence. After the forward, ``dropper.removal``
+    holds the final survivors.
     """
     _check_inputs(backbone, stages, attention_mask, position_ids, candidates, labels, query_index)
     adapter = adapter_for(backbone.config)
     layers = adapter.layers(backbone)
-    dropper = Dropper(adapter, stages, attention_mask, position_ids, candidates, labels, query_index, label)
+    dropper = Dropper(adapter, stages, attention_mask, position_ids, candidates, labels, query_index, label, follow)
     handles = [layers[-1].register_forward_hook(dropper.restore)]
     try:
         for i, layer in enumerate(layers):

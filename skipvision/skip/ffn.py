@@ -88,6 +88,16 @@ class SkipFFN:
                     plans[layer] = packing
         self._plans = plans
 
+    def plan_layer(self, layer: int, mask: torch.Tensor) -> None:
+        """Set one hooked ``layer``'s rows to ``mask`` [B, T] bool, keeping the other layers' plans: for methods that
+        choose a layer's rows inside the forward, just before it runs (a router on the layer's input)."""
+        (layer, mask), = self._resolve({layer: mask}).items()
+        packing = _pack(mask, f"ffn_mask for decoder layer {layer}")
+        if packing is None:
+            self._plans.pop(layer, None)
+        else:
+            self._plans[layer] = packing
+
     def _resolve(self, plan: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """A per-layer plan with its indices resolved to hooked layers; an index this SkipFFN does not hook, or two
         indices naming one layer, is an error."""

@@ -5,17 +5,20 @@ See docs/method.md "Policies".
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from skipvision.registry import SKIP_POLICIES
-from skipvision.skip.policies.base import SkipPolicy, TokenSplit
+from skipvision.skip.policies.base import NeedsClsAttention, SkipPolicy, TokenSplit
 
 FALLBACKS = ("mean_similarity", "error")
 
 
 @SKIP_POLICIES.register("attention_score", tiny={"num_retained": 2})
-class AttentionScorePolicy(SkipPolicy):
+class AttentionScorePolicy(NeedsClsAttention, SkipPolicy):
     """Retains the N_r tokens with the highest [CLS] attention at the encoder's feature layer (summed over heads,
     as the LLaVA setting of the paper), in raster order.
 
@@ -27,12 +30,14 @@ class AttentionScorePolicy(SkipPolicy):
     - ``"error"``: raise a ValueError, for runs that must use the paper's rule exactly.
     """
 
-    uses_cls_scores = True
-
     def __init__(
-        self, num_retained: int | None = None, retain_ratio: float | None = None, fallback: str = "mean_similarity"
+        self,
+        num_retained: int | None = None,
+        retain_ratio: float | None = None,
+        fallback: str = "mean_similarity",
+        drop: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(num_retained, retain_ratio)
+        super().__init__(num_retained, retain_ratio, drop)
         if fallback not in FALLBACKS:
             raise ValueError(f"attention_score: fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
         self.fallback = fallback

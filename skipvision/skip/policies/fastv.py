@@ -8,7 +8,7 @@ layer K - 1; layers K.. and the decode steps never see them (skipvision/skip/fas
 from __future__ import annotations
 
 from skipvision.registry import SKIP_POLICIES
-from skipvision.skip.policies.base import DropStage
+from skipvision.skip.layout import DropStage
 from skipvision.skip.policies.none import NoSkip
 
 

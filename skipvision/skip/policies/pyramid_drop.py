@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from skipvision.registry import SKIP_POLICIES
-from skipvision.skip.policies.base import DropStage
+from skipvision.skip.policies.base import drop_schedule
 from skipvision.skip.policies.none import NoSkip
 
 
@@ -21,24 +21,9 @@ class PyramidDrop(NoSkip):
     """``layers``: the stage boundaries K (each the first decoder layer without that stage's drops), strictly
     increasing and >= 1; None: the paper's 8/16/24 of 32 scaled to the LLM's depth (``round(L * k / 4)`` for k = 1..3,
     deduplicated, within 1..L - 1). ``ratio`` in (0, 1): the share of the current image tokens dropped at each
-    boundary (per row ``floor(ratio * candidates)``); the paper's default 0.5."""
+    boundary (per row ``floor(ratio * candidates)``); the paper's default 0.5. The same stages run in training and at
+    inference (:meth:`~skipvision.skip.policies.base.SkipPolicy.drop_stages`)."""
 
     def __init__(self, layers: Sequence[int] | None = None, ratio: float = 0.5) -> None:
         super().__init__()
-        if layers is not None:
-            layers = [int(k) for k in layers]
-            if not layers or layers[0] < 1 or layers != sorted(set(layers)):
-                raise ValueError(f"pyramid_drop: layers must be strictly increasing and >= 1, got {layers}")
-        if not 0 < ratio < 1:
-            raise ValueError(
-                f"pyramid_drop: ratio (share of image tokens dropped per stage) must be in (0, 1), got {ratio}"
-            )
-        self.layers = layers
-        self.ratio = ratio
-
-    def drop_stages(self, num_layers: int, training: bool) -> tuple[DropStage, ...]:
-        """The same stages in training and at inference; a boundary >= ``num_layers`` raises where the stages run."""
-        layers = self.layers
-        if layers is None:
-            layers = sorted({k for k in (round(num_layers * i / 4) for i in (1, 2, 3)) if 1 <= k < num_layers})
-        return tuple(DropStage(k, self.ratio) for k in layers)
+        self.drop = drop_schedule("pyramid_drop", layers, ratio)

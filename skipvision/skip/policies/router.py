@@ -8,6 +8,9 @@ scores to be positive exactly on the selected tokens, so a threshold at 0 matche
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,8 +35,9 @@ class RouterPolicy(SkipPolicy):
         retain_ratio: float | None = None,
         norm: bool = True,
         aux_weight: float = 0.01,
+        drop: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(num_retained, retain_ratio)
+        super().__init__(num_retained, retain_ratio, drop)
         self.scorer = nn.Sequential(nn.LayerNorm(dim) if norm else nn.Identity(), nn.Linear(dim, 1))
         self.aux_weight = aux_weight
 

@@ -1,0 +1,151 @@
+"""mod_router peer: a learned router per decoder layer keeps that layer's top share of image tokens (docs/method.md
+"Peers").
+
+p-MoD (Zhang et al., ICCV 2025) builds mixture-of-depths VLMs: in each layer a router scores the image tokens and
+only the top share of them is processed; the share decays with depth (progressive ratio decay, a shifted cosine).
+Here the unchosen image tokens of a layer skip its FFN (``mode: ffn``): they still take part in attention, as
+Skip-Vision's S tokens do, so the KV cache is untouched. The choice is per layer and per sample, made on the layer's
+input just before the layer runs, and applied through Skip-FFN's per-layer plans (skipvision/skip/ffn.py).
+
+Training: top-k has no gradient, so each chosen token's FFN output ``f`` is returned as ``f + f * (g - g.detach())``
+with ``g = sigmoid(router score)``: equal to ``f`` in value (exactly), while the task loss's gradient reaches the
+router through the chosen tokens' outputs. Every router runs in every forward, also on a batch without images, so
+all ranks call the same modules (SPMD).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from skipvision.adapters import adapter_for
+from skipvision.costs import LayerTokens, TokenSchedule
+from skipvision.registry import SKIP_POLICIES
+from skipvision.skip.dropping import lowest_scored
+from skipvision.skip.ffn import SkipFFN
+from skipvision.skip.layout import SlotLayout
+from skipvision.skip.policies.none import NoSkip
+
+MODES = ("ffn",)
+
+
+def shifted_cosine(num_layers: int, min_ratio: float) -> list[float]:
+    """Per-layer keep ratios decaying from near 1 to ``min_ratio``: ``min + (1 - min) * (1 + cos(pi * (l + 1) / L))
+    / 2`` for layer l of L; shifted by one layer so that the first layer already routes and the last keeps
+    ``min_ratio`` (p-MoD's progressive ratio decay, in our parameterisation)."""
+    return [min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * (i + 1) / num_layers)) / 2 for i in range(num_layers)]
+
+
+@SKIP_POLICIES.register("mod_router", tiny={"min_ratio": 0.5})
+class ModRouter(NoSkip):
+    """A ``Linear(dim, 1)`` router per decoder layer scores the image tokens on the layer's input; the top
+    ``ratios[l]`` share of each row's image tokens runs layer l's FFN, the rest skip it (per row
+    ``floor((1 - ratio) * image slots)`` skip). ``ratios`` (one keep ratio in (0, 1] per layer) or, by default, the
+    shifted cosine from near 1 down to ``min_ratio`` (:func:`shifted_cosine`). ``mode``: ``ffn`` (the unchosen
+    tokens skip the FFN only). ``dim`` and ``num_layers`` are wired by the framework."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_layers: int,
+        ratios: Sequence[float] | None = None,
+        min_ratio: float = 0.25,
+        mode: str = "ffn",
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mod_router: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not 0 < min_ratio <= 1:
+            raise ValueError(f"mod_router: min_ratio (the last layer's keep ratio) must be in (0, 1], got {min_ratio}")
+        ratios = shifted_cosine(num_layers, min_ratio) if ratios is None else [float(r) for r in ratios]
+        if len(ratios) != num_layers or not all(0 < r <= 1 for r in ratios):
+            raise ValueError(
+                f"mod_router: ratios must be {num_layers} keep ratios in (0, 1], one per decoder layer; got {ratios}"
+            )
+        self.ratios = tuple(ratios)
+        self.mode = mode
+        self.routers = nn.ModuleList(nn.Linear(dim, 1) for _ in range(num_layers))
+
+    def routed_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Every decoder layer (each router runs in every forward, SPMD)."""
+        if num_layers != len(self.routers):
+            raise ValueError(f"mod_router: built for {len(self.routers)} decoder layers, the LLM has {num_layers}")
+        return tuple(range(num_layers))
+
+    def skipped_share(self, layer: int) -> float:
+        """The share of a row's image tokens that skips ``layer``'s FFN: ``1 - ratios[layer]``."""
+        return 1 - self.ratios[layer]
+
+    @contextmanager
+    def routing(self, backbone: nn.Module, skip_ffn: SkipFFN, visual_slots: torch.Tensor) -> Iterator[None]:
+        """Within the block, each decoder layer's input chooses its FFN rows among ``visual_slots`` [B, T] bool (the
+        Skip-FFN plan of that layer), and the chosen rows' FFN outputs carry the router's gradient. Forwards of
+        another [B, T] (decode steps) run unrouted."""
+        adapter = adapter_for(backbone.config)
+        gates: dict[int, torch.Tensor] = {}  # layer -> [B, T, 1], the chosen image rows' gate (1 + g - g.detach())
+        handles = []
+        for i, layer in enumerate(adapter.layers(backbone)):
+            handles.append(layer.register_forward_pre_hook(partial(self._route, i, skip_ffn, visual_slots, gates)))
+            handles.append(adapter.mlp(layer).register_forward_hook(partial(self._gate, i, gates)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _route(
+        self,
+        layer: int,
+        skip_ffn: SkipFFN,
+        visual_slots: torch.Tensor,
+        gates: dict[int, torch.Tensor],
+        _module: nn.Module,
+        args: tuple[Any, ...],
+    ) -> None:
+        """Before decoder ``layer``: score its input ``args[0]`` [B, T, D], plan its FFN rows and gates."""
+        hidden = args[0]  # [B, T, D]
+        if tuple(hidden.shape[:2]) != tuple(visual_slots.shape):
+            gates.pop(layer, None)
+            return
+        with record_function("skipvision::mod_router_route"):
+            scores = self.routers[layer](hidden).squeeze(-1).float()  # [B, T]
+            slots = visual_slots.to(hidden.device)
+            skipped = lowest_scored(scores.detach(), slots, self.skipped_share(layer))  # [B, T]
+            skip_ffn.plan_layer(layer, ~skipped)
+            gate = torch.sigmoid(scores)  # [B, T]
+            chosen = (slots & ~skipped).to(hidden.dtype)  # [B, T]
+            gates[layer] = ((gate - gate.detach()).to(hidden.dtype) * chosen).unsqueeze(-1)  # [B, T, 1], zero in value
+
+    @staticmethod
+    def _gate(
+        layer: int, gates: dict[int, torch.Tensor], _module: nn.Module, _args: tuple[Any, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        """After decoder ``layer``'s MLP: ``output + output * (g - g.detach())`` at the chosen image rows."""
+        gate = gates.get(layer)
+        if gate is None or gate.shape[:2] != output.shape[:2]:
+            return output
+        return output + output * gate  # [B, T, D]
+
+    def schedule(
+        self,
+        num_layers: int,
+        text: int,
+        layout: SlotLayout,
+        images: int = 1,
+        training: bool = False,
+        ffn_layers: Collection[int] | None = None,
+    ) -> TokenSchedule:
+        """Every token present in every layer and cached; in layer l, ``floor((1 - ratios[l]) * image slots)`` of
+        them skip the FFN, and the router scores all of them."""
+        self.routed_layers(num_layers)
+        visual = layout.slots * images
+        tokens = text + visual
+        skipped = [math.floor(visual * self.skipped_share(i)) for i in range(num_layers)]
+        return TokenSchedule(tuple(LayerTokens(tokens, tokens - s, routed=tokens) for s in skipped), tokens)
