@@ -9,8 +9,7 @@ parameters. Load it with a recipe's ``imports: [norm_skip]`` and this folder on 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from functools import partial
 
 import torch
@@ -34,27 +33,23 @@ class NormSkip(NoSkip):
         if start < 0 or not 0 < share < 1:
             raise ValueError(f"norm_skip: need start >= 0 and share in (0, 1), got start={start}, share={share}")
         self.start, self.share = start, share
+        self.slots: torch.Tensor | None = None  # [B, T] bool, the image slots of the forwards being routed
 
     def routed_layers(self, num_layers: int) -> tuple[int, ...]:
-        return tuple(range(self.start, num_layers))  # the model attaches Skip-FFN to these
+        return tuple(range(self.start, num_layers))  # the model attaches Skip-FFN to these, then calls attach()
 
-    @contextmanager
-    def routing(self, backbone: nn.Module, skip_ffn: SkipFFN, visual_slots: torch.Tensor) -> Iterator[None]:
+    def attach(self, backbone: nn.Module, skip_ffn: SkipFFN) -> None:
         layers = decoder_layers(backbone)
-        handles = [
-            layers[i].register_forward_pre_hook(partial(self._plan, i, skip_ffn, visual_slots))
-            for i in self.routed_layers(len(layers))
-        ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        for i in self.routed_layers(len(layers)):
+            layers[i].register_forward_pre_hook(partial(self._plan, i, skip_ffn))
 
-    def _plan(self, layer: int, skip_ffn: SkipFFN, slots: torch.Tensor, _module: nn.Module, args: tuple) -> None:
+    def route(self, visual_slots: torch.Tensor | None) -> None:
+        self.slots = visual_slots  # set before every forward over a whole sequence
+
+    def _plan(self, layer: int, skip_ffn: SkipFFN, _module: nn.Module, args: tuple) -> None:
         hidden = args[0]  # [B, T, D], this layer's input
-        if tuple(hidden.shape[:2]) == tuple(slots.shape):  # decode steps ([B, 1]) run the plain FFN
-            skipped = lowest_scored(hidden.norm(dim=-1), slots.to(hidden.device), self.share)  # [B, T]
+        if self.slots is not None and tuple(hidden.shape[:2]) == tuple(self.slots.shape):  # decode steps: plain FFN
+            skipped = lowest_scored(hidden.norm(dim=-1), self.slots.to(hidden.device), self.share)  # [B, T]
             skip_ffn.plan_layer(layer, ~skipped)
 
     def schedule(

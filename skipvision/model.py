@@ -163,12 +163,16 @@ class VisionLanguageModel(nn.Module):
 
     def _skip_ffn(self, backbone: PreTrainedModel, skip_layers: list[int] | None, num_layers: int) -> SkipFFN | None:
         """Skip-FFN on the layers where the method skips FFN rows: the layout's S slots in ``skip_layers`` (None:
-        every layer), and the method's routed layers; None when there are neither."""
+        every layer), and the method's routed layers (whose routing hooks are attached here); None when there are
+        neither."""
         routed = self.visual.policy.routed_layers(num_layers)
         if not self.visual.layout.skips and not routed:
             return None
         layers = range(num_layers) if skip_layers is None or not self.visual.layout.skips else skip_layers
-        return SkipFFN(backbone, sorted({i % num_layers for i in layers} | set(routed))).attach()
+        skip = SkipFFN(backbone, sorted({i % num_layers for i in layers} | set(routed))).attach()
+        if routed:
+            self.visual.policy.attach(backbone, skip)
+        return skip
 
     @staticmethod
     def visual_tokens_per_image(encoder: VisionEncoder, tiles: tuple[int, int] | None) -> int:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,25 @@ def router(model):
     return model.visual.policy
 
 
+@contextmanager
+def unhooked(model) -> Iterator[None]:
+    """The plain backbone: Skip-FFN's MLP overrides off, the method's routing off (no slots)."""
+    model.visual.policy.route(None)
+    model.skip_ffn.detach()
+    try:
+        yield
+    finally:
+        model.skip_ffn.attach()
+
+
 def layer_loop_logits(model, embeds: torch.Tensor, mask: torch.Tensor, gate_of: Callable) -> torch.Tensor:
-    """Logits [B, T, V] of the VLM's backbone with its decoder layers looped over by hand; each layer's MLP output is
-    multiplied by ``gate_of(layer index, layer input [B, T, D])`` [B, T]."""
+    """Logits [B, T, V] of the VLM's plain backbone with its decoder layers looped over by hand; each layer's MLP
+    output (the MLP runs on every row) is multiplied by ``gate_of(layer index, layer input [B, T, D])`` [B, T]."""
+    with unhooked(model):
+        return _layer_loop(model, embeds, mask, gate_of)
+
+
+def _layer_loop(model, embeds: torch.Tensor, mask: torch.Tensor, gate_of: Callable) -> torch.Tensor:
     base = model.backbone.model
     positions = positions_from_mask(mask)  # [B, T]
     kwargs = {
@@ -181,3 +198,24 @@ def test_fit_and_generate_through_the_cli(tiny_overrides: list[str], tmp_path: P
     assert len(routers) == 2 * 2  # weight and bias of the tiny recipe's 2 decoder layers
     loaded = dict(gen.model.visual.policy.named_parameters())
     assert all(torch.equal(v, loaded[k.split(".policy.", 1)[1]]) for k, v in routers.items())
+
+
+def test_activation_checkpointing_recomputes_the_same_routes(tokenizer) -> None:  # noqa: F811
+    """The routers run in the layers' pre-hooks, so recomputation routes again, identically: loss and every gradient
+    equal those without checkpointing."""
+    model = build(tokenizer, {"name": "mod_router", "ratios": RATIOS}).train()
+    batch = make_batch(tokenizer, model)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["num_images"], batch["labels"])
+
+    def step() -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = model(*args)
+        out.loss.backward()
+        return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = step()
+    model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    loss, grads = step()
+    assert loss == plain_loss and grads.keys() == plain.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)

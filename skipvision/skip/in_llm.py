@@ -53,8 +53,8 @@ def method_steps(
 ) -> Iterator[Dropper | None]:
     """Within the block, forwards of ``model.backbone`` over ``embedded``'s whole sequence run the method's steps:
     the Skip-FFN plan of ``embedded``, the method's routing and its drop stages for ``model.training`` (ranked by the
-    ``query_index`` [B] token; None: the last). Yields the dropper, or None without drops. The Skip-FFN plan stays set
-    afterwards, so gradient checkpointing recomputes with it.
+    ``query_index`` [B] token; None: the last). Yields the dropper, or None without drops. The Skip-FFN plan and the
+    routed image slots stay set afterwards, so gradient checkpointing recomputes with them.
 
     ``attention_mask``/``positions``/``labels`` [B, T] describe the forward's input.
     """
@@ -66,8 +66,7 @@ def method_steps(
     with contextlib.ExitStack() as stack:
         if policy.routed_layers(len(decoder_layers(model.backbone))):  # also without images: every rank, every router
             slots = embedded.visual_slots
-            slots = torch.zeros_like(attention_mask, dtype=torch.bool) if slots is None else slots  # [B, T]
-            stack.enter_context(policy.routing(model.backbone, skip, slots))
+            policy.route(torch.zeros_like(attention_mask, dtype=torch.bool) if slots is None else slots)  # [B, T]
         dropper = None
         if stages and embedded.droppable is not None:
             follow = None if embedded.ffn_mask is None else partial(follow_survivors, skip, embedded.ffn_mask)
@@ -98,14 +97,15 @@ def prefill(
 ) -> Prefill:
     """The training forward over left-padded prompts into the empty ``cache`` (docs/method.md "KV removal"),
     logits at the last position only. In-LLM drops leave every cache layer with the survivors; with ``drop_kv``,
-    the skipped slots S among them leave it too. The Skip-FFN plan is cleared afterwards, so decode steps run the
-    plain MLP."""
+    the skipped slots S among them leave it too. The Skip-FFN plan and the routing are cleared afterwards, so decode
+    steps run the plain MLP."""
     try:
         with method_steps(model, embedded, attention_mask, positions) as dropper:
             out = model.run_backbone(embedded, attention_mask, positions, cache, logits_to_keep=1)
     finally:
         if model.skip_ffn is not None:
             model.skip_ffn.set_plan(None)
+        model.visual.policy.route(None)
     kv_bytes = kv_cache_bytes(cache)
     removal = None
     if dropper is not None:

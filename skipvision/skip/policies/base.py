@@ -7,9 +7,7 @@ other methods (the full model, compression-only, FastV, PyramidDrop, mod_router)
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Collection, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +65,8 @@ class SkipPolicy(nn.Module):
     * :meth:`layout` -- K slots per image and their roles (:class:`~skipvision.skip.layout.SlotLayout`);
     * :meth:`tokens` -- the M images' projected tokens [M, N, D] -> the slot tokens [M, K, D];
     * :meth:`drop_stages` -- image tokens that leave the sequence at decoder-layer boundaries;
-    * :meth:`routed_layers` and :meth:`routing` -- per-layer FFN rows chosen inside the LLM (a router);
+    * :meth:`routed_layers`, :meth:`attach` and :meth:`route` -- per-layer FFN rows chosen inside the LLM (a
+      router);
     * :meth:`schedule` -- the per-layer token counts all of the above give, for FLOPs (skipvision/costs.py).
 
     This base class is Skip-Vision's split (docs/method.md "Token pipeline"): exactly one of ``num_retained`` (N_r,
@@ -169,14 +168,18 @@ class SkipPolicy(nn.Module):
         return () if self.drop is None else self.drop.stages(num_layers)
 
     def routed_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Decoder layers whose FFN rows :meth:`routing` chooses inside the LLM; none by default."""
+        """Decoder layers whose FFN rows the method chooses inside the LLM (:meth:`attach`); none by default."""
         return ()
 
-    def routing(self, backbone: nn.Module, skip_ffn: SkipFFN, visual_slots: torch.Tensor) -> AbstractContextManager:
-        """A context within which a forward of ``backbone`` chooses the FFN rows of the :meth:`routed_layers`
-        through ``skip_ffn`` (attached to them) among the image slots ``visual_slots`` [B, T] bool. Nothing by
-        default."""
-        return contextlib.nullcontext()
+    def attach(self, backbone: nn.Module, skip_ffn: SkipFFN) -> None:
+        """Install, once, when the model is built, the hooks by which forwards of ``backbone`` choose the FFN rows of
+        the :meth:`routed_layers` through ``skip_ffn`` (attached to them). They stay for the model's life, like
+        Skip-FFN's MLP overrides, so gradient checkpointing's recomputation runs them again. Nothing by default."""
+
+    def route(self, visual_slots: torch.Tensor | None) -> None:
+        """Set the image slots ``visual_slots`` [B, T] bool of the coming forwards over a whole sequence (None: the
+        forwards run unrouted). They stay until the next call, like a Skip-FFN plan (recomputation routes the same
+        rows). Nothing by default."""
 
     def schedule(
         self,

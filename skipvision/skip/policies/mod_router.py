@@ -5,7 +5,8 @@ p-MoD (Zhang et al., ICCV 2025) builds mixture-of-depths VLMs: in each layer a r
 only the top share of them is processed; the share decays with depth (progressive ratio decay, a shifted cosine).
 Here the unchosen image tokens of a layer skip its FFN (``mode: ffn``): they still take part in attention, as
 Skip-Vision's S tokens do, so the KV cache is untouched. The choice is per layer and per sample, made on the layer's
-input just before the layer runs, and applied through Skip-FFN's per-layer plans (skipvision/skip/ffn.py).
+input just before the layer runs (a forward pre-hook installed once, so gradient checkpointing's recomputation routes
+again), and applied through Skip-FFN's per-layer plans (skipvision/skip/ffn.py).
 
 Training: top-k has no gradient, so each chosen token's FFN output ``f`` is returned as ``f + f * (g - g.detach())``
 with ``g = sigmoid(router score)``: equal to ``f`` in value (exactly), while the task loss's gradient reaches the
@@ -16,14 +17,14 @@ all ranks call the same modules (SPMD).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from torch.profiler import record_function
+from torch.utils.hooks import RemovableHandle
 
 from skipvision.adapters import adapter_for
 from skipvision.costs import LayerTokens, TokenSchedule
@@ -72,6 +73,9 @@ class ModRouter(NoSkip):
         self.ratios = tuple(ratios)
         self.mode = mode
         self.routers = nn.ModuleList(nn.Linear(dim, 1) for _ in range(num_layers))
+        self._slots: torch.Tensor | None = None  # [B, T] bool, the image slots of the forwards being routed
+        self._gates: dict[int, torch.Tensor] = {}  # layer -> [B, T, 1], the chosen image rows' gate g - g.detach()
+        self._handles: list[RemovableHandle] = []
 
     def routed_layers(self, num_layers: int) -> tuple[int, ...]:
         """Every decoder layer (each router runs in every forward, SPMD)."""
@@ -83,52 +87,37 @@ class ModRouter(NoSkip):
         """The share of a row's image tokens that skips ``layer``'s FFN: ``1 - ratios[layer]``."""
         return 1 - self.ratios[layer]
 
-    @contextmanager
-    def routing(self, backbone: nn.Module, skip_ffn: SkipFFN, visual_slots: torch.Tensor) -> Iterator[None]:
-        """Within the block, each decoder layer's input chooses its FFN rows among ``visual_slots`` [B, T] bool (the
-        Skip-FFN plan of that layer), and the chosen rows' FFN outputs carry the router's gradient. Forwards of
-        another [B, T] (decode steps) run unrouted."""
+    def attach(self, backbone: nn.Module, skip_ffn: SkipFFN) -> None:
+        """A pre-hook on each decoder layer routes its input; a forward hook on its MLP gates the chosen rows."""
+        if self._handles:
+            raise RuntimeError("mod_router: its hooks are attached to a backbone already")
         adapter = adapter_for(backbone.config)
-        gates: dict[int, torch.Tensor] = {}  # layer -> [B, T, 1], the chosen image rows' gate (1 + g - g.detach())
-        handles = []
         for i, layer in enumerate(adapter.layers(backbone)):
-            handles.append(layer.register_forward_pre_hook(partial(self._route, i, skip_ffn, visual_slots, gates)))
-            handles.append(adapter.mlp(layer).register_forward_hook(partial(self._gate, i, gates)))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+            self._handles.append(layer.register_forward_pre_hook(partial(self._route, i, skip_ffn)))
+            self._handles.append(adapter.mlp(layer).register_forward_hook(partial(self._gate, i)))
 
-    def _route(
-        self,
-        layer: int,
-        skip_ffn: SkipFFN,
-        visual_slots: torch.Tensor,
-        gates: dict[int, torch.Tensor],
-        _module: nn.Module,
-        args: tuple[Any, ...],
-    ) -> None:
-        """Before decoder ``layer``: score its input ``args[0]`` [B, T, D], plan its FFN rows and gates."""
+    def route(self, visual_slots: torch.Tensor | None) -> None:
+        self._slots = visual_slots  # [B, T] bool
+
+    def _route(self, layer: int, skip_ffn: SkipFFN, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Before decoder ``layer``: score its input ``args[0]`` [B, T, D], plan its FFN rows and gates. Inputs of
+        another [B, T] than the routed slots' (decode steps) run unrouted."""
         hidden = args[0]  # [B, T, D]
-        if tuple(hidden.shape[:2]) != tuple(visual_slots.shape):
-            gates.pop(layer, None)
+        if self._slots is None or tuple(hidden.shape[:2]) != tuple(self._slots.shape):
+            self._gates.pop(layer, None)
             return
         with record_function("skipvision::mod_router_route"):
             scores = self.routers[layer](hidden).squeeze(-1).float()  # [B, T]
-            slots = visual_slots.to(hidden.device)
+            slots = self._slots.to(hidden.device)
             skipped = lowest_scored(scores.detach(), slots, self.skipped_share(layer))  # [B, T]
             skip_ffn.plan_layer(layer, ~skipped)
             gate = torch.sigmoid(scores)  # [B, T]
             chosen = (slots & ~skipped).to(hidden.dtype)  # [B, T]
-            gates[layer] = ((gate - gate.detach()).to(hidden.dtype) * chosen).unsqueeze(-1)  # [B, T, 1], zero in value
+            self._gates[layer] = ((gate - gate.detach()).to(hidden.dtype) * chosen).unsqueeze(-1)  # [B, T, 1]: 0
 
-    @staticmethod
-    def _gate(
-        layer: int, gates: dict[int, torch.Tensor], _module: nn.Module, _args: tuple[Any, ...], output: torch.Tensor
-    ) -> torch.Tensor:
+    def _gate(self, layer: int, _module: nn.Module, _args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         """After decoder ``layer``'s MLP: ``output + output * (g - g.detach())`` at the chosen image rows."""
-        gate = gates.get(layer)
+        gate = self._gates.get(layer)
         if gate is None or gate.shape[:2] != output.shape[:2]:
             return output
         return output + output * gate  # [B, T, D]
