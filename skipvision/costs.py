@@ -168,20 +168,21 @@ def forward_breakdown(
     shape: LLMShape, schedule: TokenSchedule, logits_tokens: int, batch: int = 1, causal: bool = False
 ) -> dict[str, int]:
     """Forward matmul FLOPs by term (:func:`~skipvision.flops.analytic_forward_breakdown`'s keys, plus
-    ``selection``: the methods' routers and scoring rows) of ``batch`` prompts following ``schedule``, layer by layer;
+    ``routing``, the methods' routers, and ``scoring``, their scoring rows before drops) of ``batch`` prompts
+    following ``schedule``, layer by layer;
     ``logits_tokens`` of the last layer's tokens get logits. ``causal`` as in
     :func:`~skipvision.flops.analytic_forward_breakdown`."""
     if len(schedule.layers) != shape.layers:
         raise ValueError(f"the schedule has {len(schedule.layers)} layers, the LLM {shape.layers}")
     runs = [(layer, len(list(group))) for layer, group in itertools.groupby(schedule.layers)]  # equal neighbours
-    terms = dict.fromkeys(("attn_proj", "attn_scores", "ffn", "lm_head", "selection"), 0)
+    terms = dict.fromkeys(("attn_proj", "attn_scores", "ffn", "lm_head", "routing", "scoring"), 0)
     q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     for i, (layer, count) in enumerate(runs):
         logits = logits_tokens if i == len(runs) - 1 else 0  # the LM head follows the last layer
         part = analytic_forward_breakdown(replace(shape, layers=count), layer.present, layer.ffn, batch, logits, causal)
         router = 2 * shape.hidden * layer.routed  # Linear(D, 1) on each routed token
         row = 2 * shape.hidden * (q_width + kv_width) * layer.scored + 2 * q_width * layer.scored  # projections, q.k
-        part["selection"] = batch * count * (router + row)
+        part["routing"], part["scoring"] = batch * count * router, batch * count * row
         terms = {k: terms[k] + part[k] for k in terms}
     return terms
 

@@ -175,8 +175,9 @@ def train_step_from_forward(
         raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
     linear = terms["attn_proj"] + terms["ffn"] + terms["lm_head"]
     scores = terms["attn_scores"]  # always even: a multiple of 4
-    selection = terms.get("selection", 0)  # counted once: no gradient reaches a drop's scores; a router's is 2D/token
-    return (3 if weight_grads else 2) * linear + (7 * scores // 2 if attention == "sdpa" else 3 * scores) + selection
+    linear += terms.get("routing", 0)  # a router is a trained linear layer
+    scoring = terms.get("scoring", 0)  # counted once: no gradient reaches a drop's scores
+    return (3 if weight_grads else 2) * linear + (7 * scores // 2 if attention == "sdpa" else 3 * scores) + scoring
 
 
 def flop_counter(count_cpu_sdpa: bool = True) -> FlopCounterMode:

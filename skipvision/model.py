@@ -106,6 +106,7 @@ class VisionLanguageModel(nn.Module):
         self.visual = visual or SkipVisionTokens(tokens, dim, num_layers=num_layers)
         self.skip_ffn = self._skip_ffn(backbone, skip_layers, num_layers)
         self.mask_text_to_skipped = mask_text_to_skipped  # ablation, training only (see run_backbone)
+        self._check_drops(num_layers)
         # Distributed runs set this: a batch without images still runs the vision side (see idle_vision).
         self.spmd = False
 
@@ -169,10 +170,27 @@ class VisionLanguageModel(nn.Module):
         if not self.visual.layout.skips and not routed:
             return None
         layers = range(num_layers) if skip_layers is None or not self.visual.layout.skips else skip_layers
-        skip = SkipFFN(backbone, sorted({i % num_layers for i in layers} | set(routed))).attach()
+        skip = SkipFFN(backbone, [*layers, *routed]).attach()  # checks the recipe's indices, then deduplicates
         if routed:
             self.visual.policy.attach(backbone, skip)
         return skip
+
+    def _check_drops(self, num_layers: int) -> None:
+        """Fail at build time, in one line, on drop stages this backbone cannot run, and on the masking ablation
+        with drops (its text-to-S mask would not survive the masks rebuilt after a drop)."""
+        name = type(self.visual.policy).__name__
+        for training in (True, False):
+            for stage in self.drop_stages(training):
+                if not 1 <= stage.layer < num_layers:
+                    raise ValueError(
+                        f"{name}: a drop stage's layer (K) must be in [1, {num_layers - 1}] for this "
+                        f"{num_layers}-layer backbone, got {stage.layer}"
+                    )
+        if self.mask_text_to_skipped and self.drop_stages(training=True):
+            raise ValueError(
+                f"model.skip.mask_text_to_skipped cannot run with {name}'s in-LLM drops in training: the masks "
+                "rebuilt after a drop do not carry the text-to-S restriction; turn one off"
+            )
 
     @staticmethod
     def visual_tokens_per_image(encoder: VisionEncoder, tiles: tuple[int, int] | None) -> int:

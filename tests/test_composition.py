@@ -110,3 +110,22 @@ def test_prefill_keeps_text_r_and_summaries_and_measures_its_schedule(tokenizer)
     [answer] = generator.generate([Request("What colour is the circle?", image)], GenerationConfig(max_new_tokens=2))
     per_position = answer.stats.kv_bytes_prefill // answer.stats.prompt_tokens
     assert answer.stats.kv_bytes_kept == per_position * schedule.cached
+
+
+def test_build_time_errors(tokenizer) -> None:
+    """Bad settings fail when the model is built, in one line, not at the first forward."""
+    backbone = BACKBONES.tiny_spec("hf_causal_lm")  # 2 decoder layers
+    parts = (ENCODERS.tiny_spec("timm"), "mlp2x_gelu", backbone, tokenizer)
+    cases = (
+        ({**SKIP, "layers": [5]}, r"Skip-FFN layer index 5 is out of range: valid indices are -2\.\.1"),
+        (SKIP, r"UniformPolicy: a drop stage's layer \(K\) must be in \[1, 1\] for this 2-layer backbone, got 3"),
+        ({"policy": {"name": "pyramid_drop", "layers": [2]}}, r"must be in \[1, 1\] for this 2-layer backbone, got 2"),
+        ({"policy": {"name": "fastv", "layer": 2}}, r"FastV: a drop stage's layer \(K\) must be in \[1, 1\]"),
+        (
+            {**SKIP, "policy": {**SKIP["policy"], "drop": {"layers": [1]}}, "mask_text_to_skipped": True},
+            "model.skip.mask_text_to_skipped cannot run with UniformPolicy's in-LLM drops in training",
+        ),
+    )
+    for skip, message in cases:
+        with pytest.raises(ValueError, match=message):
+            VisionLanguageModel.from_specs(*parts, skip=skip)

@@ -142,7 +142,7 @@ def test_full_and_skip_vision_prefill_measure_their_schedules(lm: torch.nn.Modul
 
 @torch.no_grad()
 def test_fastv_prefill_measures_its_schedule_plus_the_scoring_row(lm: torch.nn.Module) -> None:
-    """FastV's prefill is its schedule's FLOPs, whose ``selection`` term is the one attention row it scores by
+    """FastV's prefill is its schedule's FLOPs, whose ``scoring`` term is the one attention row it scores by
     in layer K - 1 (measured alone); ratio 0.45 of 10 slots drops floor(4.5) = 4."""
     shape, (embeds, mask, slots) = LLMShape.from_config(lm.config), prompt()
     positions = positions_from_mask(mask)  # [1, T]
@@ -153,5 +153,5 @@ def test_fastv_prefill_measures_its_schedule_plus_the_scoring_row(lm: torch.nn.M
     row = measured_flops(lambda: last_token_attention(adapter, layer0, embeds, rotary, mask))
     schedule = TokenSchedule.fastv(LAYERS, TEXT, SLOTS, layer=1, ratio=0.45)
     assert schedule.cached == TEXT + SLOTS - 4 and schedule.layers[0].scored == TEXT + SLOTS
-    assert forward_breakdown(shape, schedule, 1)["selection"] == row
+    assert forward_breakdown(shape, schedule, 1)["scoring"] == row
     assert run == prefill_flops(shape, schedule)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -225,3 +226,30 @@ def test_a_sharded_fsdp_run_exports_like_any_run(fsdp_mixed: Path) -> None:
     weights = model_weights(fsdp_mixed / "checkpoints" / "last.ckpt")
     assert exported.keys() == weights.keys()
     assert all(torch.equal(exported[k], v) for k, v in weights.items())
+
+
+ROUTER = ["model.skip.policy=mod_router"]  # a name replaces the mixed runs' policy
+
+
+@pytest.fixture(scope="module")
+def ddp_router(tiny_shapes: Path, shards: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fit_mixed(
+        tiny_shapes, shards, tmp_path_factory.mktemp("ddp_router") / "run", *ROUTER, "trainer.strategy=ddp"
+    )
+
+
+def test_mod_router_trains_under_ddp_with_a_text_only_batch_on_one_rank(ddp_router: Path) -> None:
+    """SPMD (docs/distributed.md "SPMD"): a rank whose batch has no image still runs every layer's router, so DDP
+    reduces every router's gradient on every step instead of failing or hanging."""
+    rows = metrics(ddp_router)
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == [0, 1, 2]
+    assert all(math.isfinite(float(r["train/loss"])) for r in rows if r["train/loss"])
+
+
+def test_mod_router_under_fsdp_equals_ddp(
+    ddp_router: Path, tiny_shapes: Path, shards: dict[str, Path], tmp_path: Path
+) -> None:
+    """The routers, called from the decoder layers' hooks, are FSDP units of their own: the same losses as DDP."""
+    fsdp = metrics(fit_mixed(tiny_shapes, shards, tmp_path / "run", *ROUTER, "trainer.strategy=fsdp"))
+    losses = [float(r["train/loss"]) for r in fsdp if r["train/loss"]]
+    assert losses == pytest.approx([float(r["train/loss"]) for r in metrics(ddp_router) if r["train/loss"]], rel=1e-5)

@@ -10,6 +10,7 @@ import csv
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,13 @@ import torch
 from PIL import Image
 from transformers.masking_utils import create_causal_mask
 
-from skipvision.costs import LayerTokens, TokenSchedule, model_schedule
+from skipvision.costs import LayerTokens, TokenSchedule, model_schedule, train_step_flops
+from skipvision.flops import LLMShape, measured_flops
 from skipvision.inference import GenerationConfig, Request, VLMGenerator
 from skipvision.model import next_token_loss, positions_from_mask
 from skipvision.paper import build_meta_model
 from skipvision.registry import SKIP_POLICIES
+from skipvision.skip.in_llm import method_steps
 from skipvision.skip.policies.mod_router import shifted_cosine
 
 from .conftest import TINY_RECIPE
@@ -219,3 +222,26 @@ def test_activation_checkpointing_recomputes_the_same_routes(tokenizer) -> None:
     assert loss == plain_loss and grads.keys() == plain.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_training_steps_measured_flops_equal_the_schedules(tokenizer) -> None:  # noqa: F811
+    """Forward and backward of the LLM on one prompt with one image: the routers count as trained linear layers
+    (forward, input and weight gradients), the FFN only on each layer's chosen rows; the full model alongside."""
+    for policy in ({"name": "none"}, {"name": "mod_router", "ratios": RATIOS}):
+        model = build(tokenizer, policy).train()
+        batch = make_batch(tokenizer, model)
+        n = int(batch["attention_mask"][0].sum())  # row 0 without its right padding
+        ids, mask, labels = batch["input_ids"][:1, :n], batch["attention_mask"][:1, :n], batch["labels"][:1, :n]
+        embedded = model.embed(ids, batch["pixel_values"][:1], torch.tensor([1]))
+        embedded.embeds = embedded.embeds.detach().requires_grad_()  # the LLM's step alone, inputs trainable
+        measured = measured_flops(partial(training_step, model, embedded, mask, labels))
+        schedule = model_schedule(model, n - model.num_image_tokens, training=True)
+        assert measured == train_step_flops(LLMShape.from_config(model.backbone.config), schedule), policy["name"]
+
+
+def training_step(model, embedded, mask: torch.Tensor, labels: torch.Tensor) -> None:
+    """The LLM's forward over ``embedded`` with the method's steps, and the loss's backward."""
+    positions = positions_from_mask(mask)
+    with method_steps(model, embedded, mask, positions, labels):
+        logits = model.run_backbone(embedded, mask, positions).logits
+    next_token_loss(logits, labels).backward()

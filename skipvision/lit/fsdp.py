@@ -5,7 +5,8 @@
 CPU with gloo), not Lightning's FSDP1 strategy. The LightningModule builds the model on the meta device and, in
 ``configure_model``:
 
-1. shards it (:func:`shard`): one unit per encoder block and decoder layer, one for the input embeddings, and one for
+1. shards it (:func:`shard`): one unit per encoder block and decoder layer, per module the method calls from inside
+   the LLM (a router per layer), one for the input embeddings, and one for
    each part the model calls directly (encoder, projector, skip tokens, backbone) so that calls which bypass the root
    module's ``forward`` (generation, the encoder's [CLS]-attention pass) still gather their parameters; the root last;
 2. allocates each rank's shards and fills them from rank 0's fully built model (:func:`load_from_rank0`): only rank 0
@@ -52,6 +53,7 @@ def shard(model: VisionLanguageModel, mesh: DeviceMesh, policy: MixedPrecisionPo
     embed, head = model.backbone.get_input_embeddings(), model.backbone.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
     units: list[nn.Module | list[nn.Module]] = [*model.encoder.blocks(), *decoder_layers(model.backbone)]
+    units += model.visual.policy.llm_modules()  # called from decoder-layer hooks, after the visual unit resharded
     units += [[embed, head] if tied else embed, model.encoder, model.projector, model.visual, model.backbone, model]
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)

@@ -176,6 +176,12 @@ class SkipPolicy(nn.Module):
         the :meth:`routed_layers` through ``skip_ffn`` (attached to them). They stay for the model's life, like
         Skip-FFN's MLP overrides, so gradient checkpointing's recomputation runs them again. Nothing by default."""
 
+    def llm_modules(self) -> list[nn.Module]:
+        """The method's modules that its hooks call inside the LLM (a router per layer). FSDP shards each as its own
+        unit, so it is gathered when called from a decoder layer's hook, after the visual stage has resharded. None
+        by default."""
+        return []
+
     def route(self, visual_slots: torch.Tensor | None) -> None:
         """Set the image slots ``visual_slots`` [B, T] bool of the coming forwards over a whole sequence (None: the
         forwards run unrouted). They stay until the next call, like a Skip-FFN plan (recomputation routes the same

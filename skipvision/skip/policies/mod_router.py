@@ -96,6 +96,9 @@ class ModRouter(NoSkip):
             self._handles.append(layer.register_forward_pre_hook(partial(self._route, i, skip_ffn)))
             self._handles.append(adapter.mlp(layer).register_forward_hook(partial(self._gate, i)))
 
+    def llm_modules(self) -> list[nn.Module]:
+        return list(self.routers)
+
     def route(self, visual_slots: torch.Tensor | None) -> None:
         self._slots = visual_slots  # [B, T] bool
 
