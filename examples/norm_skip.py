@@ -43,7 +43,7 @@ class NormSkip(NoSkip):
         for i in self.routed_layers(len(layers)):
             layers[i].register_forward_pre_hook(partial(self._plan, i, skip_ffn))
 
-    def route(self, visual_slots: torch.Tensor | None) -> None:
+    def route(self, visual_slots: torch.Tensor | None, *_: torch.Tensor | None) -> None:
         self.slots = visual_slots  # set before every forward over a whole sequence
 
     def _plan(self, layer: int, skip_ffn: SkipFFN, _module: nn.Module, args: tuple) -> None:

@@ -15,7 +15,8 @@ the same way. What each method computes:
 * PyramidDrop: FastV's count at every stage boundary, each on the image tokens the previous stages left, in
   training and at prefill;
 * Skip-Vision with a ``drop`` schedule: the stages drop among the S slots, so the FFN count stays;
-* mod_router: every token present and cached; in layer l, ``floor((1 - ratio_l) * image slots)`` skip the FFN.
+* mod_router: every token present and cached; in layer l, ``floor((1 - ratio_l) * image slots)`` skip the FFN;
+  with ``mode: layer`` they are absent from layer l and from its cache instead.
 
 The work a method spends choosing tokens is counted too (:class:`LayerTokens` ``routed`` and ``scored``), so the
 in-LLM methods' measured prefill FLOPs equal their schedules'. Each method produces its own schedule
@@ -44,8 +45,9 @@ if TYPE_CHECKING:
 class LayerTokens:
     """One decoder layer of one prompt: ``present`` tokens (queries = keys), ``ffn`` of them running the FFN, and the
     work a method spends choosing tokens there: ``routed`` tokens of the layer's input scored by a ``Linear(D, 1)``
-    router (mod_router), ``scored`` tokens whose query and key projections feed one attention row at the layer's
-    input (the scoring before a drop at the next layer; skipvision/skip/dropping.py's ``last_token_attention``)."""
+    router (mod_router; more than ``present`` when the layer then runs on the chosen ones only), ``scored`` tokens
+    whose query and key projections feed one attention row at the layer's input (the scoring before a drop at the
+    next layer; skipvision/skip/dropping.py's ``last_token_attention``)."""
 
     present: int
     ffn: int
@@ -53,24 +55,40 @@ class LayerTokens:
     scored: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("ffn", "routed", "scored"):
+        for name in ("ffn", "scored"):
             if not 0 <= getattr(self, name) <= self.present:
                 raise ValueError(f"need 0 <= {name} <= present, got {self}")
+        if self.routed < 0:
+            raise ValueError(f"need routed >= 0, got {self}")
 
 
 @dataclass(frozen=True)
 class TokenSchedule:
     """One prompt through the decoder: its :class:`LayerTokens`, first layer first, and the ``cached`` positions
-    every layer's KV cache keeps after prefill (the same in every layer for all methods so far)."""
+    every layer's KV cache keeps after prefill; one count per layer when the layers keep different positions (a
+    whole-layer router: each layer's cache holds the tokens it ran on)."""
 
     layers: tuple[LayerTokens, ...]
-    cached: int
+    cached: int | tuple[int, ...]
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise ValueError("a token schedule needs at least one layer")
-        if not 0 <= self.cached <= max(layer.present for layer in self.layers):
+        if isinstance(self.cached, tuple) and len(self.cached) != len(self.layers):
+            raise ValueError(f"cached has {len(self.cached)} per-layer counts for {len(self.layers)} layers")
+        most = max(layer.present for layer in self.layers)
+        if not all(0 <= c <= most for c in self.layer_cached):
             raise ValueError(f"cached={self.cached} must lie in 0..the most tokens present in a layer")
+
+    @property
+    def layer_cached(self) -> tuple[int, ...]:
+        """The positions each layer's cache keeps after prefill."""
+        return self.cached if isinstance(self.cached, tuple) else (self.cached,) * len(self.layers)
+
+    @property
+    def kv_positions(self) -> float:
+        """Cached positions per layer, averaged over the layers (the KV cache's size in positions)."""
+        return sum(self.layer_cached) / len(self.layers)
 
     @classmethod
     def of_layout(
@@ -201,7 +219,7 @@ def train_step_flops(shape: LLMShape, schedule: TokenSchedule, batch: int = 1) -
 
 def decode_step_flops(shape: LLMShape, schedule: TokenSchedule) -> int:
     """LLM FLOPs of one decode step after ``schedule``'s prefill: one new token, FFN and logits included, whose
-    query meets the ``cached`` keys and its own."""
+    query meets each layer's ``cached`` keys and its own."""
     terms = analytic_forward_breakdown(shape, 1)  # a 1-token sequence: one (query, key) pair per head and layer
-    terms["attn_scores"] *= schedule.cached + 1
+    terms["attn_scores"] = terms["attn_scores"] // shape.layers * sum(c + 1 for c in schedule.layer_cached)
     return sum(terms.values())

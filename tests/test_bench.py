@@ -19,7 +19,7 @@ from skipvision.recipe import RecipeError, load_recipe
 from .conftest import TESTS
 
 BENCH = TESTS / "recipes" / "bench-tiny.yaml"
-VARIANTS = ["full", "skip_vision", "merge_only", "fastv", "pyramid_drop", "mod_router"]
+VARIANTS = ["full", "skip_vision", "merge_only", "fastv", "pyramid_drop", "mod_router", "mod_router_layer"]
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +48,12 @@ def test_every_variant_has_every_figure(bench_run) -> None:
 def test_kv_bytes_are_the_exact_kept_share(bench_run) -> None:
     _, result = bench_run
     v = result["variants"]
-    slots = {"full": 16, "skip_vision": 10, "merge_only": 10, "fastv": 16, "pyramid_drop": 16, "mod_router": 16}
+    slots = {"full": 16, "skip_vision": 10, "merge_only": 10, **dict.fromkeys(PEERS, 16)}
     assert {n: v[n]["visual_slots"] for n in VARIANTS} == slots
     text = v["full"]["prompt_tokens"] - 16
     kept = {"full": text + 16, "skip_vision": text + 6, "merge_only": text + 10, "fastv": text + 16 - 8}
     kept |= {"pyramid_drop": text + 16 - 8, "mod_router": text + 16}  # mod_router's routed tokens stay cached
+    kept["mod_router_layer"] = text + 16 - (4 + 8) / 2  # 2 layers: the shifted cosine keeps 12 and 8 of 16
     assert {n: v[n]["ideal"]["kv_positions"] for n in VARIANTS} == kept
     for name in VARIANTS:
         assert v[name]["ratio"]["kv_bytes"] == v[name]["ideal_ratio"]["kv_bytes"] == kept[name] / kept["full"]
@@ -63,11 +64,11 @@ def test_measured_prefill_flops_against_the_analytic_model(bench_run) -> None:
     v = result["variants"]
     # Exactly the encoder + projector + LLM matmuls of the analytic model, with the in-LLM methods' own selection
     # work (FastV's and PyramidDrop's scoring rows, mod_router's routers) in their schedules.
-    for name in ("full", "fastv", "pyramid_drop", "mod_router"):
+    for name in ("full", *PEERS):
         assert v[name]["prefill_flops"] == v[name]["ideal"]["prefill_flops"], name
     for name in ("skip_vision", "merge_only"):  # + the [CLS] scores, the merge and the summaries (not modelled)
         assert v[name]["ideal"]["prefill_flops"] <= v[name]["prefill_flops"] <= 1.1 * v[name]["ideal"]["prefill_flops"]
-    for name in ("skip_vision", "fastv", "pyramid_drop", "mod_router"):
+    for name in ("skip_vision", *PEERS):
         assert v[name]["ratio"]["prefill_flops"] < 1, name
 
 
@@ -122,24 +123,15 @@ def test_profile_names_the_skip_machinery(tiny_shapes: Path, tmp_path: Path) -> 
     assert "skipvision::" not in blocks["full"]
 
 
+PEERS = ("fastv", "pyramid_drop", "mod_router", "mod_router_layer")  # every image token reaches the LLM
+
+
 @pytest.mark.parametrize(
     ("recipe", "slots"),
     [
-        (
-            "bench-llava",
-            {"full": 576, "skip_vision": 258, "merge_only": 258, "fastv": 576, "pyramid_drop": 576, "mod_router": 576},
-        ),
-        (  # bench-hd inherits bench-llava's variants and sets its own Skip-Vision, merge_only and fastv
-            "bench-hd",
-            {
-                "full": 1728,
-                "skip_vision": 1154,
-                "merge_only": 1154,
-                "fastv": 1728,
-                "pyramid_drop": 1728,
-                "mod_router": 1728,
-            },
-        ),
+        ("bench-llava", {"full": 576, "skip_vision": 258, "merge_only": 258, **dict.fromkeys(PEERS, 576)}),
+        # bench-hd inherits bench-llava's variants and sets its own Skip-Vision, merge_only and fastv
+        ("bench-hd", {"full": 1728, "skip_vision": 1154, "merge_only": 1154, **dict.fromkeys(PEERS, 1728)}),
     ],
 )
 def test_shipped_bench_recipes_resolve_to_their_token_plans(recipe: str, slots: dict) -> None:

@@ -108,7 +108,7 @@ def test_the_shifted_cosine_schedule_and_its_errors() -> None:
     policy = SKIP_POLICIES.build({"name": "mod_router"}, dim=8, num_layers=4)
     assert policy.ratios == pytest.approx(want) and len(policy.routers) == 4
     for bad, message in (
-        ({"mode": "attention"}, "mode must be one of ffn"),
+        ({"mode": "attention"}, "mode must be one of ffn, layer"),
         ({"ratios": [0.5, 0.5]}, "must be 4 keep ratios in"),
         ({"ratios": [0.5, 0.0, 1.0, 1.0]}, "must be 4 keep ratios in"),
         ({"min_ratio": 0.0}, "min_ratio"),
@@ -141,9 +141,10 @@ def test_training_logits_loss_and_router_gradients_equal_the_layer_loop(tokenize
     assert [bool(ours[f"routers.{i}.weight"].any()) for i in range(4)] == [True, True, True, False]
 
 
-def test_a_text_only_batch_still_calls_every_router(tokenizer) -> None:  # noqa: F811
+@pytest.mark.parametrize("mode", ["ffn", "layer"])
+def test_a_text_only_batch_still_calls_every_router(tokenizer, mode: str) -> None:  # noqa: F811
     """SPMD: without images the routers still run and get (zero) gradients, so DDP sees every parameter used."""
-    model = build(tokenizer, {"name": "mod_router", "ratios": RATIOS}).train()
+    model = build(tokenizer, {"name": "mod_router", "ratios": RATIOS, "mode": mode}).train()
     batch = make_batch(tokenizer, model)
     row = slice(2, 3)  # the text-only sample
     out = model(batch["input_ids"][row], batch["attention_mask"][row], None, torch.tensor([0]), batch["labels"][row])
@@ -203,10 +204,11 @@ def test_fit_and_generate_through_the_cli(tiny_overrides: list[str], tmp_path: P
     assert all(torch.equal(v, loaded[k.split(".policy.", 1)[1]]) for k, v in routers.items())
 
 
-def test_activation_checkpointing_recomputes_the_same_routes(tokenizer) -> None:  # noqa: F811
+@pytest.mark.parametrize("mode", ["ffn", "layer"])
+def test_activation_checkpointing_recomputes_the_same_routes(tokenizer, mode: str) -> None:  # noqa: F811
     """The routers run in the layers' pre-hooks, so recomputation routes again, identically: loss and every gradient
     equal those without checkpointing."""
-    model = build(tokenizer, {"name": "mod_router", "ratios": RATIOS}).train()
+    model = build(tokenizer, {"name": "mod_router", "ratios": RATIOS, "mode": mode}).train()
     batch = make_batch(tokenizer, model)
     args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["num_images"], batch["labels"])
 

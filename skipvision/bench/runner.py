@@ -139,7 +139,7 @@ def analytic(model: Any, val: dict[str, Any], train: dict[str, Any], train_batch
         "ideal": {
             "prefill_flops": prefill_flops(shape, prompt) + vision,
             "train_step_flops": train_step_flops(shape, train_schedule, train_batch) + 3 * vision * train_batch,
-            "kv_positions": prompt.cached,
+            "kv_positions": prompt.kv_positions,
             "decode_flops": decode_step_flops(shape, prompt),
         },
     }

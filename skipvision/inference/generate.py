@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from skipvision.adapters import SLIDING, DecoderAdapter, adapter_for
+from skipvision.adapters import FULL, SLIDING, DecoderAdapter, adapter_for
 from skipvision.errors import SkipvisionError
 from skipvision.inference.kv import kv_cache_bytes, prune_mask, stored_lengths
 from skipvision.inference.sampling import GenerationConfig, TokenChooser
@@ -52,11 +54,15 @@ class Prefilled:
     mask: torch.Tensor  # [B, K] 2-D mask over the cache columns after removal (0: padding or filler)
     positions: torch.Tensor  # [B, K] the true position of each cache column
     kv_bytes: int  # the whole cache's bytes right after the prefill forward
+    layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per decoder layer, its columns' mask and true
+    # positions [B, K_l], when layers hold different columns (a whole-layer router); else every layer's are the above
 
     @property
     def kept(self) -> torch.Tensor:
-        """[B] real (unmasked) cache positions per row after removal."""
-        return self.mask.sum(-1)
+        """[B] real (unmasked) cache positions per row after removal, averaged over the layers when they differ."""
+        if self.layers is None:
+            return self.mask.sum(-1)
+        return torch.stack([mask.sum(-1) for mask, _ in self.layers]).float().mean(0)
 
 
 def context_limit(model: VisionLanguageModel) -> int | None:
@@ -90,6 +96,10 @@ def prefill(
     positions = positions_from_mask(prompt_mask)  # [B, P]
     out = method_prefill(model, embedded, prompt_mask, positions, cache, drop_kv)
     logits, removal, kv_bytes = out.logits, out.removal, out.kv_bytes
+    if out.layer_columns is not None:
+        columns = [(c, c.index.to(positions.device)) for c in out.layer_columns]
+        layers = [(prune_mask(prompt_mask, c), positions.gather(1, index)) for c, index in columns]  # [B, K_l] each
+        return Prefilled(logits, prompt_mask, positions, kv_bytes, layers)
     if removal is None:
         return Prefilled(logits, prompt_mask, positions, kv_bytes)
     columns = removal.index.to(positions.device)  # [B, K]
@@ -130,7 +140,7 @@ def generate_tokens(
     cache = DynamicCache(config=model.backbone.config)
     pre = prefill(model, prompt_ids, prompt_mask, pixel_values, num_images, cache, config.drop_kv)
     next_pos = positions_from_mask(prompt_mask)[:, -1:] + 1  # [B, 1]
-    decoder = Decoder(model.backbone, cache, pre.mask, pre.positions, next_pos)
+    decoder = Decoder(model.backbone, cache, pre.mask, pre.positions, next_pos, pre.layers)
     chooser = TokenChooser(config, device)
     stopping = Stopping(room, config.max_new_tokens, eos_token_id, device, stop_strings=bool(config.stop))
     stop_strings = StopStrings(tokenizer, config.stop, batch, eos_token_id) if config.stop else None
@@ -157,6 +167,9 @@ def generate_tokens(
         logits = decoder(token)
 
     per_position = kv_cache_bytes(cache) // max(1, batch * cache.get_seq_length())  # bytes per cached position
+    if pre.layers is not None:  # layers hold different columns: one layer's bytes per column, times the layers
+        columns = sum(layer.keys.shape[2] for layer in cache.layers)  # every layer's, summed
+        per_position = len(pre.layers) * kv_cache_bytes(cache) // max(1, batch * columns)
     chosen = tokens[:, :step].tolist()
     all_logits = torch.stack(step_logits, dim=1) if config.output_logits else None  # [B, steps, V]
     seconds = clock.seconds()
@@ -174,7 +187,7 @@ def generate_tokens(
             ttft_ms=ttft_ms,
             ms_per_token=ms_per_token,
             kv_bytes_prefill=per_position * lengths[row],
-            kv_bytes_kept=per_position * kept,
+            kv_bytes_kept=round(per_position * kept),
             finish_reason=ending.reason,
         )
         row_logits = None if all_logits is None else all_logits[row, : ending.steps]  # [steps, V]
@@ -187,7 +200,8 @@ class Decoder:
 
     It keeps the cache columns' validity ``mask`` and true positions ``key_pos`` [B, K + steps fed] (starting from
     the prefill's, after any removal), from which each step's masks are built (:func:`decode_masks`), and the rows'
-    next positions ``next_pos`` [B, 1]."""
+    next positions ``next_pos`` [B, 1]. With ``layers`` (per decoder layer, its own columns' mask and positions: a
+    whole-layer router's cache), each layer gets its own mask (full-attention layers only)."""
 
     def __init__(
         self,
@@ -196,23 +210,53 @@ class Decoder:
         mask: torch.Tensor,
         key_pos: torch.Tensor,
         next_pos: torch.Tensor,
+        layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         self.backbone, self.cache = backbone, cache
         self.adapter = adapter_for(backbone.config)
         # Only the masks' batch, dtype and device are read off it.
         self.probe = torch.empty(mask.shape[0], 1, 1, dtype=backbone.dtype, device=mask.device)
         self.mask, self.key_pos, self.next_pos = mask, key_pos, next_pos  # [B, K], [B, K], [B, 1]
+        self.layers = layers  # per layer ([B, K_l], [B, K_l])
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """Feeds ``token`` [B]; returns the logits [B, V] of the next one."""
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)  # [B, K + L]
-        self.key_pos = torch.cat([self.key_pos, self.next_pos], dim=1)  # [B, K + L]
+        if self.layers is not None:
+            return self._per_layer(token)
+        self.mask, self.key_pos = extend(self.mask, self.key_pos, self.next_pos)  # [B, K + L] each
         masks = decode_masks(self.adapter, self.cache, self.probe, self.next_pos, self.key_pos, self.mask)
+        return self._step(token, masks)
+
+    def _per_layer(self, token: torch.Tensor) -> torch.Tensor:
+        """A step whose decoder layers each attend over their own columns: a forward pre-hook hands each its mask."""
+        self.layers = [extend(mask, key_pos, self.next_pos) for mask, key_pos in self.layers]  # [B, K_l + L] each
+        masks = [self.adapter.type_masks(self.probe, self.next_pos, pos, mask)[FULL] for mask, pos in self.layers]
+        handles = [
+            layer.register_forward_pre_hook(partial(with_mask, mask), with_kwargs=True)
+            for layer, mask in zip(self.adapter.layers(self.backbone), masks, strict=True)
+        ]
+        try:
+            return self._step(token, masks[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _step(self, token: torch.Tensor, masks: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.backbone(
             input_ids=token[:, None], attention_mask=masks, position_ids=self.next_pos, cache=self.cache, use_cache=True
         )
         self.next_pos = self.next_pos + 1
         return out.logits[:, -1]  # [B, V]
+
+
+def extend(mask: torch.Tensor, key_pos: torch.Tensor, next_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns' mask and positions [B, K] with the new token's column (valid, at ``next_pos`` [B, 1])."""
+    return torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), torch.cat([key_pos, next_pos], dim=1)
+
+
+def with_mask(mask: torch.Tensor, _layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A decoder layer's forward pre-hook that gives it ``mask`` as its attention mask."""
+    return args, {**kwargs, "attention_mask": mask}
 
 
 def decode_masks(

@@ -33,6 +33,8 @@ class Prefill:
     logits: torch.Tensor  # [B, V] next-token logits at the last prompt position
     removal: Removal | None  # which prompt positions every cache layer keeps; None: all of them
     kv_bytes: int  # the cache's bytes right after the forward, before any removal
+    layer_columns: list[Removal] | None = None  # per decoder layer, the prompt positions its cache holds, when the
+    # method's layers ran on different rows (a whole-layer router); then ``removal`` is None
 
 
 def follow_survivors(skip: SkipFFN, ffn_mask: torch.Tensor, removal: Removal) -> None:
@@ -66,7 +68,8 @@ def method_steps(
     with contextlib.ExitStack() as stack:
         if policy.routed_layers(len(decoder_layers(model.backbone))):  # also without images: every rank, every router
             slots = embedded.visual_slots
-            policy.route(torch.zeros_like(attention_mask, dtype=torch.bool) if slots is None else slots)  # [B, T]
+            slots = torch.zeros_like(attention_mask, dtype=torch.bool) if slots is None else slots  # [B, T]
+            policy.route(slots, attention_mask, positions)
         dropper = None
         if stages and embedded.droppable is not None:
             follow = None if embedded.ffn_mask is None else partial(follow_survivors, skip, embedded.ffn_mask)
@@ -102,6 +105,7 @@ def prefill(
     try:
         with method_steps(model, embedded, attention_mask, positions) as dropper:
             out = model.run_backbone(embedded, attention_mask, positions, cache, logits_to_keep=1)
+        columns = model.visual.policy.layer_columns()
     finally:
         if model.skip_ffn is not None:
             model.skip_ffn.set_plan(None)
@@ -118,4 +122,4 @@ def prefill(
         skipped = Removal.plan(keep)
         drop_cache_positions(cache, skipped)
         removal = skipped if removal is None else compose(removal, skipped)
-    return Prefill(out.logits[:, -1], removal, kv_bytes)
+    return Prefill(out.logits[:, -1], removal, kv_bytes, columns)

@@ -19,6 +19,7 @@ from skipvision.costs import TokenSchedule
 from skipvision.skip.layout import DropStage, SlotLayout, VisualTokens
 
 if TYPE_CHECKING:
+    from skipvision.inference.kv import Removal
     from skipvision.skip.ffn import SkipFFN
 
 __all__ = ["DropSchedule", "DropStage", "NeedsClsAttention", "SkipPolicy", "TokenSplit", "drop_schedule"]
@@ -182,10 +183,20 @@ class SkipPolicy(nn.Module):
         by default."""
         return []
 
-    def route(self, visual_slots: torch.Tensor | None) -> None:
-        """Set the image slots ``visual_slots`` [B, T] bool of the coming forwards over a whole sequence (None: the
-        forwards run unrouted). They stay until the next call, like a Skip-FFN plan (recomputation routes the same
-        rows). Nothing by default."""
+    def route(
+        self,
+        visual_slots: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        """Set the image slots ``visual_slots`` [B, T] bool of the coming forwards over a whole sequence, with their
+        2-D ``attention_mask`` and true ``positions`` [B, T] (None: the forwards run unrouted). They stay until the
+        next call, like a Skip-FFN plan (recomputation routes the same rows). Nothing by default."""
+
+    def layer_columns(self) -> list[Removal] | None:
+        """After a routed prefill, the prompt positions each decoder layer's cache holds, for a method whose layers
+        ran on different rows (a whole-layer router); None when every layer holds them all (the default)."""
+        return None
 
     def schedule(
         self,
