@@ -62,12 +62,10 @@ def test_kv_bytes_are_the_exact_kept_share(bench_run) -> None:
 def test_measured_prefill_flops_against_the_analytic_model(bench_run) -> None:
     _, result = bench_run
     v = result["variants"]
-    # Exactly the encoder + projector + LLM matmuls of the analytic model, with the in-LLM methods' own selection
-    # work (FastV's and PyramidDrop's scoring rows, mod_router's routers) in their schedules.
-    for name in ("full", *PEERS):
+    # Exactly the vision side's measured FLOPs plus the LLM's from the token schedule, with the in-LLM methods' own
+    # selection work (FastV's and PyramidDrop's scoring rows, mod_router's routers) in their schedules.
+    for name in VARIANTS:
         assert v[name]["prefill_flops"] == v[name]["ideal"]["prefill_flops"], name
-    for name in ("skip_vision", "merge_only"):  # + the [CLS] scores, the merge and the summaries (not modelled)
-        assert v[name]["ideal"]["prefill_flops"] <= v[name]["prefill_flops"] <= 1.1 * v[name]["ideal"]["prefill_flops"]
     for name in ("skip_vision", *PEERS):
         assert v[name]["ratio"]["prefill_flops"] < 1, name
 

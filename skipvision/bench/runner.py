@@ -32,10 +32,10 @@ from skipvision.bench.measure import (
 from skipvision.bench.profile import profile_once, summary
 from skipvision.bench.report import add_ratios
 from skipvision.costs import decode_step_flops, model_schedule, prefill_flops, train_step_flops
-from skipvision.flops import LLMShape
+from skipvision.flops import LLMShape, measured_flops
 from skipvision.lit import run as jobs
 from skipvision.lit.module import VLMLitModule
-from skipvision.paper import vision_flops
+from skipvision.model import VisionLanguageModel
 from skipvision.recipe import RecipeError, build_recipe
 
 
@@ -126,13 +126,13 @@ def measure_speed(variants: dict[str, Variant], bench: DictConfig, device: torch
 
 def analytic(model: Any, val: dict[str, Any], train: dict[str, Any], train_batch: int) -> dict[str, Any]:
     """The ideal costs of this variant (absolute; the report divides them by the baseline's): the LLM's from its
-    token schedule (one image per prompt and per training sequence), the vision side's measured once (the same in
-    every variant) and added to both."""
+    token schedule (one image per prompt and per training sequence), the vision side's measured
+    (:func:`visual_stage_flops`) and added to both."""
     shape = LLMShape.from_config(model.backbone.config)
     prompt_tokens, slots = int(val["prompt_mask"][0].sum()), model.num_image_tokens
     prompt = model_schedule(model, prompt_tokens - slots)
     train_schedule = model_schedule(model, train["input_ids"].shape[1] - slots, training=True)
-    vision = vision_flops(model)
+    vision = visual_stage_flops(model)
     return {
         "visual_slots": slots,
         "prompt_tokens": prompt_tokens,
@@ -143,6 +143,17 @@ def analytic(model: Any, val: dict[str, Any], train: dict[str, Any], train_batch
             "decode_flops": decode_step_flops(shape, prompt),
         },
     }
+
+
+@torch.no_grad()
+def visual_stage_flops(model: VisionLanguageModel) -> int:
+    """FLOPs of one image (all its views) through the encoder, the projector and the method's visual stage (a
+    [CLS] row, the split, the merge, the summaries), measured with FlopCounterMode on the built model: they depend
+    on the shapes only, so zero pixels do."""
+    encoder = next(model.encoder.parameters())
+    views = 1 if model.tiles is None else 1 + model.tiles[0] * model.tiles[1]
+    pixels = torch.zeros(1, views, 3, *model.encoder.image_size, device=encoder.device, dtype=encoder.dtype)
+    return measured_flops(lambda: model.image_features(pixels if model.tiles is not None else pixels[:, 0]))
 
 
 def measure_accuracy(
