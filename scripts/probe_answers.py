@@ -28,6 +28,7 @@ from skipvision.data.tokenizer import IMAGE_TOKEN
 from skipvision.data.views import image_views
 from skipvision.inference.checkpoint import load_model
 from skipvision.model import positions_from_mask
+from skipvision.skip.in_llm import method_steps
 
 YES_NO = ("existence", "position")
 
@@ -82,15 +83,15 @@ def main() -> None:
         batch = collate([encoder(s) for s in chunk], tokenizer.pad_token_id)
         with torch.no_grad():
             embedded = model.embed(batch["input_ids"], batch.get("pixel_values"), batch["num_images"])
-            if model.skip_ffn is not None:
-                model.skip_ffn.set_plan(embedded.ffn_mask)
             mask = batch["attention_mask"]
-            out = model.backbone(
-                inputs_embeds=embedded.embeds,
-                attention_mask=mask,
-                position_ids=positions_from_mask(mask),
-                output_hidden_states=True,
-            )
+            positions = positions_from_mask(mask)
+            with method_steps(model, embedded, mask, positions):  # the method's Skip-FFN plan and routing
+                out = model.backbone(
+                    inputs_embeds=embedded.embeds,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    output_hidden_states=True,
+                )
         predicted = out.logits.argmax(-1)  # [B, T]
         for i, sample in enumerate(chunk):
             labels = batch["labels"][i]
