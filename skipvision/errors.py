@@ -17,6 +17,11 @@ class UnsupportedModelError(SkipvisionError, ValueError):
     """A model family (HF ``model_type``) that has no decoder adapter, or a feature a family does not support."""
 
 
+class MethodError(SkipvisionError, ValueError):
+    """A token-skipping method's settings that cannot work: a bad argument, or one this model cannot run (a drop
+    layer beyond its depth, a Skip-FFN layer out of range, whole-layer routing on a sliding-window family)."""
+
+
 class MissingFileError(SkipvisionError, FileNotFoundError):
     """A file or folder the user named (a checkpoint, a tokenizer, a requests file, an image) does not exist."""
 

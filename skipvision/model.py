@@ -23,7 +23,7 @@ from skipvision.data.chat import IGNORE_INDEX
 from skipvision.data.samples import IMAGE_PLACEHOLDER
 from skipvision.data.tokenizer import TokenizerError
 from skipvision.encoders.base import VisionEncoder
-from skipvision.errors import SkipvisionError
+from skipvision.errors import MethodError, SkipvisionError
 from skipvision.registry import BACKBONES, ENCODERS, PROJECTORS
 from skipvision.skip.ffn import SkipFFN
 from skipvision.skip.in_llm import method_steps
@@ -182,12 +182,12 @@ class VisionLanguageModel(nn.Module):
         for training in (True, False):
             for stage in self.drop_stages(training):
                 if not 1 <= stage.layer < num_layers:
-                    raise ValueError(
+                    raise MethodError(
                         f"{name}: a drop stage's layer (K) must be in [1, {num_layers - 1}] for this "
                         f"{num_layers}-layer backbone, got {stage.layer}"
                     )
         if self.mask_text_to_skipped and self.drop_stages(training=True):
-            raise ValueError(
+            raise MethodError(
                 f"model.skip.mask_text_to_skipped cannot run with {name}'s in-LLM drops in training: the masks "
                 "rebuilt after a drop do not carry the text-to-S restriction; turn one off"
             )

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from skipvision.cli import main
 from skipvision.costs import LayerTokens, TokenSchedule, model_schedule, prefill_flops
 from skipvision.data.tokenizer import load_tokenizer
 from skipvision.flops import LLMShape, measured_flops
@@ -19,6 +20,7 @@ from skipvision.registry import BACKBONES, ENCODERS, SKIP_POLICIES
 from skipvision.skip.in_llm import prefill
 from skipvision.skip.layout import DropStage, SlotLayout
 
+from .conftest import TINY_RECIPE
 from .test_dropping import STAGES, reference_row
 from .test_model import make_batch
 
@@ -129,3 +131,14 @@ def test_build_time_errors(tokenizer) -> None:
     for skip, message in cases:
         with pytest.raises(ValueError, match=message):
             VisionLanguageModel.from_specs(*parts, skip=skip)
+
+
+def test_bad_method_settings_are_one_line_cli_errors(tiny_overrides: list[str], capsys) -> None:
+    """A method's bad setting is a user error: exit status 2 and one line naming it, no traceback."""
+    for policy, message in (
+        ("{name: pyramid_drop, ratio: 1.5}", "pyramid_drop: drop ratio (share of image tokens dropped per stage)"),
+        ("{name: pyramid_drop, layers: [5]}", "PyramidDrop: a drop stage's layer (K) must be in [1, 1]"),
+    ):
+        assert main(["fit", "--recipe", str(TINY_RECIPE), *tiny_overrides, f"model.skip.policy={policy}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

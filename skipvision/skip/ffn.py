@@ -20,6 +20,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from skipvision.adapters import adapter_for
+from skipvision.errors import MethodError
 
 
 class SkipFFN:
@@ -47,7 +48,7 @@ class SkipFFN:
         resolved: list[int] = []
         for i in indices:
             if not -n <= i < n:
-                raise ValueError(f"Skip-FFN layer index {i} is out of range: valid indices are {-n}..{n - 1}")
+                raise MethodError(f"Skip-FFN layer index {i} is out of range: valid indices are {-n}..{n - 1}")
             resolved.append(i % n)
         self.layers: tuple[int, ...] = tuple(sorted(set(resolved)))
         self._all_mlps: list[nn.Module] = [adapter.mlp(layer) for layer in all_layers]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from skipvision.errors import MethodError
 from skipvision.registry import SKIP_POLICIES
 from skipvision.skip.policies.base import NeedsClsAttention, SkipPolicy, TokenSplit
 
@@ -39,13 +40,13 @@ class AttentionScorePolicy(NeedsClsAttention, SkipPolicy):
     ) -> None:
         super().__init__(num_retained, retain_ratio, drop)
         if fallback not in FALLBACKS:
-            raise ValueError(f"attention_score: fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
+            raise MethodError(f"attention_score: fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
         self.fallback = fallback
 
     def select(self, features: torch.Tensor, cls_scores: torch.Tensor | None, num_retained: int) -> TokenSplit:
         if cls_scores is None:
             if self.fallback == "error":
-                raise ValueError(
+                raise MethodError(
                     "attention_score got no [CLS] attention scores: the vision encoder has no [CLS] token "
                     "(e.g. a CNN or SigLIP) or does not provide its attention. Use an encoder with a [CLS] token "
                     "(timm ViT, CLIP) or set fallback='mean_similarity'."

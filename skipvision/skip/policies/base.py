@@ -16,6 +16,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from skipvision.costs import TokenSchedule
+from skipvision.errors import MethodError
 from skipvision.skip.layout import DropStage, SlotLayout, VisualTokens
 
 if TYPE_CHECKING:
@@ -86,14 +87,14 @@ class SkipPolicy(nn.Module):
     ) -> None:
         super().__init__()
         if (num_retained is None) == (retain_ratio is None):
-            raise ValueError(
+            raise MethodError(
                 f"{type(self).__name__}: set exactly one of num_retained or retain_ratio "
                 f"(got num_retained={num_retained}, retain_ratio={retain_ratio})"
             )
         if num_retained is not None and num_retained < 1:
-            raise ValueError(f"{type(self).__name__}: num_retained must be >= 1, got {num_retained}")
+            raise MethodError(f"{type(self).__name__}: num_retained must be >= 1, got {num_retained}")
         if retain_ratio is not None and not 0 < retain_ratio <= 1:
-            raise ValueError(f"{type(self).__name__}: retain_ratio must be in (0, 1], got {retain_ratio}")
+            raise MethodError(f"{type(self).__name__}: retain_ratio must be in (0, 1], got {retain_ratio}")
         self.num_retained = num_retained
         self.retain_ratio = retain_ratio
         self.drop = None if drop is None else drop_schedule(type(self).__name__, **drop)
@@ -103,7 +104,7 @@ class SkipPolicy(nn.Module):
         if self.num_retained is None:
             return max(1, round(num_tokens * self.retain_ratio))
         if self.num_retained > num_tokens:
-            raise ValueError(
+            raise MethodError(
                 f"{type(self).__name__}: num_retained={self.num_retained} exceeds the {num_tokens} visual tokens "
                 "of an image; lower num_retained or use retain_ratio"
             )
@@ -116,7 +117,7 @@ class SkipPolicy(nn.Module):
         candidates = num_tokens - retained
         skipped = candidates if num_skipped is None else num_skipped
         if not 1 <= skipped <= candidates:
-            raise ValueError(
+            raise MethodError(
                 f"num_skipped (N_s) must be between 1 and the {candidates} skip candidates "
                 f"(N={num_tokens}, N_r={retained}); got {skipped}"
             )
@@ -239,9 +240,9 @@ def drop_schedule(owner: str, layers: Sequence[int] | None = None, ratio: float 
     if layers is not None:
         layers = tuple(int(k) for k in layers)
         if not layers or layers[0] < 1 or list(layers) != sorted(set(layers)):
-            raise ValueError(f"{owner}: drop layers must be strictly increasing and >= 1, got {list(layers)}")
+            raise MethodError(f"{owner}: drop layers must be strictly increasing and >= 1, got {list(layers)}")
     if not 0 < ratio < 1:
-        raise ValueError(
+        raise MethodError(
             f"{owner}: drop ratio (share of image tokens dropped per stage) must be in (0, 1), got {ratio}"
         )
     return DropSchedule(layers, ratio)

@@ -7,6 +7,7 @@ layer K - 1; layers K.. and the decode steps never see them (skipvision/skip/fas
 
 from __future__ import annotations
 
+from skipvision.errors import MethodError
 from skipvision.registry import SKIP_POLICIES
 from skipvision.skip.layout import DropStage
 from skipvision.skip.policies.none import NoSkip
@@ -15,9 +16,9 @@ from skipvision.skip.policies.none import NoSkip
 def check_fastv(layer: int, ratio: float) -> None:
     """Raise ValueError unless ``layer`` >= 1 and 0 < ``ratio`` < 1 (the backbone's depth is checked at prefill)."""
     if layer < 1:
-        raise ValueError(f"fastv: layer (K, the first layer without the dropped tokens) must be >= 1, got {layer}")
+        raise MethodError(f"fastv: layer (K, the first layer without the dropped tokens) must be >= 1, got {layer}")
     if not 0 < ratio < 1:
-        raise ValueError(f"fastv: ratio (share of image tokens dropped) must be in (0, 1), got {ratio}")
+        raise MethodError(f"fastv: ratio (share of image tokens dropped) must be in (0, 1), got {ratio}")
 
 
 @SKIP_POLICIES.register("fastv", tiny={"layer": 1, "ratio": 0.5})

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from skipvision.errors import MethodError
 from skipvision.registry import SKIP_POLICIES
 from skipvision.skip.layout import SlotLayout, VisualTokens
 from skipvision.skip.policies.none import NoSkip
@@ -23,13 +24,13 @@ class MergeOnly(NoSkip):
     def __init__(self, num_tokens: int) -> None:
         super().__init__()
         if num_tokens < 1:
-            raise ValueError(f"merge_only: num_tokens (tokens per image, N_r + N_s) must be >= 1, got {num_tokens}")
+            raise MethodError(f"merge_only: num_tokens (tokens per image, N_r + N_s) must be >= 1, got {num_tokens}")
         self.num_tokens = num_tokens
 
     def layout(self, num_tokens: int, num_skipped: int | None, summary_tokens: bool) -> SlotLayout:
         """``num_tokens`` full-compute slots, at most the image's N."""
         if self.num_tokens > num_tokens:
-            raise ValueError(
+            raise MethodError(
                 f"MergeOnly: num_tokens (tokens kept per image) must be between 1 and the {num_tokens} visual tokens "
                 f"of an image; got {self.num_tokens}"
             )

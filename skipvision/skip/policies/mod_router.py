@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from skipvision.adapters import SLIDING, DecoderAdapter, adapter_for
 from skipvision.costs import LayerTokens, TokenSchedule
+from skipvision.errors import MethodError
 from skipvision.inference.kv import Removal, prune_mask
 from skipvision.registry import SKIP_POLICIES
 from skipvision.skip.dropping import gather, lowest_scored
@@ -65,12 +66,12 @@ class ModRouter(NoSkip):
     ) -> None:
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"mod_router: mode must be one of {', '.join(MODES)}, got {mode!r}")
+            raise MethodError(f"mod_router: mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not 0 < min_ratio <= 1:
-            raise ValueError(f"mod_router: min_ratio (the last layer's keep ratio) must be in (0, 1], got {min_ratio}")
+            raise MethodError(f"mod_router: min_ratio (the last layer's keep ratio) must be in (0, 1], got {min_ratio}")
         ratios = shifted_cosine(num_layers, min_ratio) if ratios is None else [float(r) for r in ratios]
         if len(ratios) != num_layers or not all(0 < r <= 1 for r in ratios):
-            raise ValueError(
+            raise MethodError(
                 f"mod_router: ratios must be {num_layers} keep ratios in (0, 1], one per decoder layer; got {ratios}"
             )
         self.ratios = tuple(ratios)
@@ -89,7 +90,7 @@ class ModRouter(NoSkip):
     def routed_layers(self, num_layers: int) -> tuple[int, ...]:
         """Every decoder layer (each router runs in every forward, SPMD)."""
         if num_layers != len(self.routers):
-            raise ValueError(f"mod_router: built for {len(self.routers)} decoder layers, the LLM has {num_layers}")
+            raise MethodError(f"mod_router: built for {len(self.routers)} decoder layers, the LLM has {num_layers}")
         return tuple(range(num_layers))
 
     def skipped_share(self, layer: int) -> float:
@@ -104,7 +105,7 @@ class ModRouter(NoSkip):
             raise RuntimeError("mod_router: its hooks are attached to a backbone already")
         adapter = adapter_for(backbone.config)
         if self.mode == "layer" and SLIDING in adapter.layer_types:
-            raise ValueError(
+            raise MethodError(
                 f"mod_router: mode layer runs on full-attention decoders only; {backbone.config.model_type} has "
                 "sliding-window layers (use mode ffn)"
             )
