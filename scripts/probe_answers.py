@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
+from skipvision.adapters import decoder_layers
 from skipvision.data.collate import collate
 from skipvision.data.pipeline import SampleEncoder
 from skipvision.data.tokenizer import IMAGE_TOKEN
@@ -69,6 +70,12 @@ def main() -> None:
 
     model, tokenizer, _ = load_model(args.checkpoint, "cpu", None, None)
     model.eval()
+    num_layers = len(decoder_layers(model.backbone))
+    if model.drop_stages(training=False) or model.visual.policy.routed_layers(num_layers):
+        parser.error(
+            "the probes read every position's hidden state in every layer: methods that drop or route tokens "
+            "inside the LLM leave some layers without some positions"
+        )
     transform = image_views(model.encoder, model.tiles)
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     encoder = SampleEncoder(tokenizer, image_token, model.num_image_tokens, transform, max_length=4096)

@@ -70,6 +70,7 @@ class TokenSchedule:
 
     layers: tuple[LayerTokens, ...]
     cached: int | tuple[int, ...]
+    length: int | None = None  # tokens of the input sequence, which the LM head sees in training; None: layer 0's
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -79,6 +80,12 @@ class TokenSchedule:
         most = max(layer.present for layer in self.layers)
         if not all(0 <= c <= most for c in self.layer_cached):
             raise ValueError(f"cached={self.cached} must lie in 0..the most tokens present in a layer")
+
+    @property
+    def sequence(self) -> int:
+        """The input sequence's tokens: what a training step's LM head runs on (in-LLM drops and whole-layer routing
+        put every position back before the final norm)."""
+        return self.layers[0].present if self.length is None else self.length
 
     @property
     def layer_cached(self) -> tuple[int, ...]:
@@ -187,21 +194,22 @@ def forward_breakdown(
 ) -> dict[str, int]:
     """Forward matmul FLOPs by term (:func:`~skipvision.flops.analytic_forward_breakdown`'s keys, plus
     ``routing``, the methods' routers, and ``scoring``, their scoring rows before drops) of ``batch`` prompts
-    following ``schedule``, layer by layer;
-    ``logits_tokens`` of the last layer's tokens get logits. ``causal`` as in
+    following ``schedule``, layer by layer; ``logits_tokens`` of the sequence's tokens get logits. ``causal`` as in
     :func:`~skipvision.flops.analytic_forward_breakdown`."""
     if len(schedule.layers) != shape.layers:
         raise ValueError(f"the schedule has {len(schedule.layers)} layers, the LLM {shape.layers}")
+    if not 0 <= logits_tokens <= schedule.sequence:
+        raise ValueError(f"logits_tokens must lie in 0..{schedule.sequence} (the sequence), got {logits_tokens}")
     runs = [(layer, len(list(group))) for layer, group in itertools.groupby(schedule.layers)]  # equal neighbours
     terms = dict.fromkeys(("attn_proj", "attn_scores", "ffn", "lm_head", "routing", "scoring"), 0)
     q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    for i, (layer, count) in enumerate(runs):
-        logits = logits_tokens if i == len(runs) - 1 else 0  # the LM head follows the last layer
-        part = analytic_forward_breakdown(replace(shape, layers=count), layer.present, layer.ffn, batch, logits, causal)
+    for layer, count in runs:
+        part = analytic_forward_breakdown(replace(shape, layers=count), layer.present, layer.ffn, batch, 0, causal)
         router = 2 * shape.hidden * layer.routed  # Linear(D, 1) on each routed token
         row = 2 * shape.hidden * (q_width + kv_width) * layer.scored + 2 * q_width * layer.scored  # projections, q.k
         part["routing"], part["scoring"] = batch * count * router, batch * count * row
         terms = {k: terms[k] + part[k] for k in terms}
+    terms["lm_head"] = analytic_forward_breakdown(replace(shape, layers=0), logits_tokens, 0, batch)["lm_head"]
     return terms
 
 
@@ -213,8 +221,7 @@ def prefill_flops(shape: LLMShape, schedule: TokenSchedule, causal: bool = False
 def train_step_flops(shape: LLMShape, schedule: TokenSchedule, batch: int = 1) -> int:
     """LLM forward + backward FLOPs of a training step on ``batch`` sequences following ``schedule`` (logits at
     every token, trainable weights, fused SDPA: :func:`~skipvision.flops.analytic_train_step_flops`'s rule)."""
-    logits = schedule.layers[-1].present
-    return train_step_from_forward(forward_breakdown(shape, schedule, logits, batch))
+    return train_step_from_forward(forward_breakdown(shape, schedule, schedule.sequence, batch))
 
 
 def decode_step_flops(shape: LLMShape, schedule: TokenSchedule) -> int:

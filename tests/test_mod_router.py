@@ -206,8 +206,9 @@ def test_fit_and_generate_through_the_cli(tiny_overrides: list[str], tmp_path: P
 
 @pytest.mark.parametrize("mode", ["ffn", "layer"])
 def test_activation_checkpointing_recomputes_the_same_routes(tokenizer, mode: str) -> None:  # noqa: F811
-    """The routers run in the layers' pre-hooks, so recomputation routes again, identically: loss and every gradient
-    equal those without checkpointing."""
+    """The hooks stay attached after the forward, so a layer recomputed in the backward meets the FFN plan and gate
+    it ran with (the routing pre-hooks run outside the checkpointed forward): loss and every gradient equal those
+    without checkpointing."""
     model = build(tokenizer, {"name": "mod_router", "ratios": RATIOS, "mode": mode}).train()
     batch = make_batch(tokenizer, model)
     args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["num_images"], batch["labels"])
@@ -228,8 +229,11 @@ def test_activation_checkpointing_recomputes_the_same_routes(tokenizer, mode: st
 
 def test_a_training_steps_measured_flops_equal_the_schedules(tokenizer) -> None:  # noqa: F811
     """Forward and backward of the LLM on one prompt with one image: the routers count as trained linear layers
-    (forward, input and weight gradients), the FFN only on each layer's chosen rows; the full model alongside."""
-    for policy in ({"name": "none"}, {"name": "mod_router", "ratios": RATIOS}):
+    (forward, input and weight gradients), the FFN only on each layer's chosen rows (or, in layer mode, each layer
+    only on them), the LM head on every position; the full model and PyramidDrop alongside."""
+    mod_router = {"name": "mod_router", "ratios": RATIOS}
+    pyramid_drop = {"name": "pyramid_drop", "layers": [1, 3]}  # the LM head sees every position after the drops
+    for policy in ({"name": "none"}, mod_router, {**mod_router, "mode": "layer"}, pyramid_drop):
         model = build(tokenizer, policy).train()
         batch = make_batch(tokenizer, model)
         n = int(batch["attention_mask"][0].sum())  # row 0 without its right padding
@@ -238,7 +242,7 @@ def test_a_training_steps_measured_flops_equal_the_schedules(tokenizer) -> None:
         embedded.embeds = embedded.embeds.detach().requires_grad_()  # the LLM's step alone, inputs trainable
         measured = measured_flops(partial(training_step, model, embedded, mask, labels))
         schedule = model_schedule(model, n - model.num_image_tokens, training=True)
-        assert measured == train_step_flops(LLMShape.from_config(model.backbone.config), schedule), policy["name"]
+        assert measured == train_step_flops(LLMShape.from_config(model.backbone.config), schedule), policy
 
 
 def training_step(model, embedded, mask: torch.Tensor, labels: torch.Tensor) -> None:

@@ -95,18 +95,21 @@ def test_generation_over_per_layer_caches_equals_the_full_sequence_forward(token
         with torch.no_grad():
             full = model(ids, torch.ones_like(ids), pixels, torch.tensor([int(pixels is not None)])).logits[0, -4:]
         assert (answer.logits - full).abs().max().item() < 1e-4
-    stats = answers[0].stats
+    stats, config = answers[0].stats, model.backbone.config
     schedule = model_schedule(model, stats.prompt_tokens - model.num_image_tokens)
-    per_position = stats.kv_bytes_prefill // stats.prompt_tokens  # in every layer
-    assert stats.kv_bytes_kept == round(per_position * schedule.kv_positions) < stats.kv_bytes_prefill
-    assert answers[1].stats.kv_bytes_kept == answers[1].stats.kv_bytes_prefill  # no image: every layer keeps all
+    per_position = 2 * config.num_key_value_heads * config.head_dim * 4 * config.num_hidden_layers  # fp32 k and v
+    assert stats.kv_bytes_kept == stats.kv_bytes_prefill == round(per_position * schedule.kv_positions)
+    assert schedule.kv_positions < stats.prompt_tokens  # per layer, on average, fewer positions than the prompt's
+    text_only = answers[1].stats
+    assert text_only.kv_bytes_kept == text_only.kv_bytes_prefill == per_position * text_only.prompt_tokens
 
 
 def test_the_schedule_by_hand_and_the_measured_prefill(tokenizer) -> None:  # noqa: F811
     """12 text tokens + 16 image slots: layer l runs on 28 - floor(16 (1 - r_l)) tokens and caches them; the
     routers score all 28 before each layer."""
     model = build(tokenizer, POLICY).eval()
-    want = TokenSchedule(tuple(LayerTokens(n, n, routed=28) for n in (24, 20, 28, 16)), cached=(24, 20, 28, 16))
+    layers = tuple(LayerTokens(n, n, routed=28) for n in (24, 20, 28, 16))
+    want = TokenSchedule(layers, cached=(24, 20, 28, 16), length=28)
     assert model_schedule(model, 12) == want and want.kv_positions == 22.0
     batch = make_batch(tokenizer, model)
     n = int(batch["attention_mask"][0].sum())  # row 0 without its right padding: one prompt with one image

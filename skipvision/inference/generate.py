@@ -186,7 +186,7 @@ def generate_tokens(
             generated_tokens=len(ids),
             ttft_ms=ttft_ms,
             ms_per_token=ms_per_token,
-            kv_bytes_prefill=per_position * lengths[row],
+            kv_bytes_prefill=per_position * lengths[row] if pre.layers is None else round(per_position * kept),
             kv_bytes_kept=round(per_position * kept),
             finish_reason=ending.reason,
         )

@@ -3,15 +3,19 @@
 
 p-MoD (Zhang et al., ICCV 2025) builds mixture-of-depths VLMs: in each layer a router scores the image tokens and
 only the top share of them is processed; the share decays with depth (progressive ratio decay, a shifted cosine).
-Here the unchosen image tokens of a layer skip its FFN (``mode: ffn``): they still take part in attention, as
-Skip-Vision's S tokens do, so the KV cache is untouched. The choice is per layer and per sample, made on the layer's
-input just before the layer runs (a forward pre-hook installed once, so gradient checkpointing's recomputation routes
-again), and applied through Skip-FFN's per-layer plans (skipvision/skip/ffn.py).
+The choice is per layer and per sample, made on the layer's input just before the layer runs (a forward pre-hook,
+installed once with the model). What the unchosen image tokens of a layer skip:
+
+* ``mode: ffn``: its FFN, through Skip-FFN's per-layer plans (skipvision/skip/ffn.py); they still take part in
+  attention, as Skip-Vision's S tokens do, and the KV cache is untouched;
+* ``mode: layer`` (p-MoD's own): the whole layer; it runs on the text and the chosen image tokens only (true
+  positions, a mask built from them), the others pass unchanged, and the layer's KV cache never holds them.
 
 Training: top-k has no gradient, so each chosen token's FFN output ``f`` is returned as ``f + f * (g - g.detach())``
-with ``g = sigmoid(router score)``: equal to ``f`` in value (exactly), while the task loss's gradient reaches the
-router through the chosen tokens' outputs. Every router runs in every forward, also on a batch without images, so
-all ranks call the same modules (SPMD).
+with ``g = sigmoid(router score)`` (``mode: layer``: its layer output ``out`` as ``out + (out - in) * (g -
+g.detach())``): equal in value (exactly), while the task loss's gradient reaches the router through the chosen
+tokens' outputs. The hooks stay attached, so a layer that gradient checkpointing recomputes finds its FFN gate.
+Every router runs in every forward, also on a batch without images, so all ranks call the same modules (SPMD).
 """
 
 from __future__ import annotations
@@ -225,4 +229,4 @@ class ModRouter(NoSkip):
         if self.mode == "ffn":
             return TokenSchedule(tuple(LayerTokens(tokens, tokens - s, routed=tokens) for s in skipped), tokens)
         layers = tuple(LayerTokens(tokens - s, tokens - s, routed=tokens) for s in skipped)  # routed before the cut
-        return TokenSchedule(layers, tuple(tokens - s for s in skipped))
+        return TokenSchedule(layers, tuple(tokens - s for s in skipped), length=tokens)
