@@ -50,7 +50,6 @@ class Embedded:
     ffn_mask: torch.Tensor | None = None  # [B, T] bool, False at skipped slots; None: every token runs the FFN
     aux_loss: torch.Tensor | None = None
     visual_slots: torch.Tensor | None = None  # [B, T] bool, True at every image slot (R, s_R, S, s_S)
-    droppable: torch.Tensor | None = None  # [B, T] bool, the image slots an in-LLM drop may remove
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -246,9 +245,7 @@ class VisionLanguageModel(nn.Module):
         if not bool(visual.ffn.all()):
             ffn_mask = torch.ones_like(slots)  # [B, T]
             ffn_mask[slots] = visual.ffn.repeat(n_images)  # slots fill row-major, image after image
-        droppable = torch.zeros_like(slots)  # [B, T]
-        droppable[slots] = self.visual.layout.drop_candidates(slots.device).repeat(n_images)
-        return Embedded(embeds, ffn_mask, visual.aux_loss, slots, droppable)
+        return Embedded(embeds, ffn_mask, visual.aux_loss, slots)
 
     def idle_vision(self, like: torch.Tensor) -> torch.Tensor:
         """A zero computed through the encoder, projector and skip tokens (summaries, learned policy) on one blank

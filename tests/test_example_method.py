@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from transformers import DynamicCache
 
 from skipvision.costs import model_schedule, prefill_flops
@@ -22,8 +21,8 @@ from skipvision.recipe import load_recipe
 from skipvision.registry import SKIP_POLICIES
 from skipvision.skip.in_llm import prefill
 
-from .conftest import TINY_RECIPE
-from .processes import REPO, run_cli
+from .cli_runs import fit_and_generate
+from .processes import REPO
 from .test_mod_router import layer_loop_logits, lowest_by_hand
 from .test_model import make_batch
 from .test_pyramid_drop import build, tokenizer  # noqa: F401 (a fixture)
@@ -86,16 +85,9 @@ def test_fit_and_generate_through_the_cli(tiny_overrides: list[str], tmp_path: P
     """The recipe's ``imports:`` loads the example in ``fit`` and again in ``generate`` (the run's recipe keeps it)."""
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(EXAMPLES)])}
     method = ["imports=[norm_skip]", "model.skip.policy={name: norm_skip, start: 1, share: 0.5}"]
-    fit = ["fit", "--recipe", str(TINY_RECIPE), *tiny_overrides, *method]
-    log = run_cli(fit, tmp_path / "fit.log", TIMEOUT_S, **env)
-    run = tmp_path / "run"
-    losses = [line for line in (run / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[1:] if line]
-    assert losses, log
-    image = tmp_path / "shape.png"
-    Image.new("RGB", (32, 32), (30, 200, 30)).save(image)
-    args = ["generate", "--checkpoint", str(run), "--image", str(image), "--prompt", "What colour is the circle?"]
-    out = run_cli([*args, "--max-new-tokens", "3", "--stats"], tmp_path / "generate.log", TIMEOUT_S, **env)
-    stats = next(line for line in out.splitlines() if "B after prefill" in line)
+    done = fit_and_generate([*tiny_overrides, *method], tmp_path, TIMEOUT_S, "--stats", **env)
+    assert done.losses, done.fit_log
+    stats = next(line for line in done.generated if "B after prefill" in line)
     found = re.search(r"KV cache ([\d,]+) B after prefill -> ([\d,]+) B after removal", stats)
     assert found is not None, stats
     assert found[1] == found[2] != "0"  # norm_skip keeps every position cached

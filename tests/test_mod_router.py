@@ -6,7 +6,6 @@ batch; ``fit`` + ``generate`` through the CLI."""
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,8 +26,7 @@ from skipvision.registry import SKIP_POLICIES
 from skipvision.skip.in_llm import method_steps
 from skipvision.skip.policies.mod_router import shifted_cosine
 
-from .conftest import TINY_RECIPE
-from .processes import run_cli
+from .cli_runs import PROMPT, fit_and_generate
 from .test_costs import BENCH
 from .test_model import make_batch
 from .test_pyramid_drop import build, tokenizer  # noqa: F401 (a fixture)
@@ -185,18 +183,12 @@ def test_cost_schedule_by_hand() -> None:
 def test_fit_and_generate_through_the_cli(tiny_overrides: list[str], tmp_path: Path) -> None:
     """Two training steps; the routers are saved with the run and ``generate`` loads them and answers."""
     policy = ["model.skip.policy={name: mod_router, min_ratio: 0.5}"]
-    log = run_cli(["fit", "--recipe", str(TINY_RECIPE), *tiny_overrides, *policy], tmp_path / "fit.log", TIMEOUT_S)
-    run = tmp_path / "run"
-    rows = list(csv.DictReader(open(run / "logs" / "version_0" / "metrics.csv")))
-    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
-    assert losses and all(math.isfinite(x) for x in losses), log
-    image = tmp_path / "shape.png"
-    Image.new("RGB", (32, 32), (30, 200, 30)).save(image)
-    args = ["generate", "--checkpoint", str(run), "--image", str(image), "--prompt", "What colour is the circle?"]
-    out = run_cli([*args, "--max-new-tokens", "3"], tmp_path / "generate.log", TIMEOUT_S).splitlines()
+    done = fit_and_generate([*tiny_overrides, *policy], tmp_path, TIMEOUT_S)
+    run = done.run
+    assert done.losses and all(math.isfinite(x) for x in done.losses), done.fit_log
     gen = VLMGenerator.from_checkpoint(run)
-    [answer] = gen.generate([Request("What colour is the circle?", image)], GenerationConfig(max_new_tokens=3))
-    assert answer.text is not None and answer.text in out
+    [answer] = gen.generate([Request(PROMPT, done.image)], GenerationConfig(max_new_tokens=3))
+    assert answer.text is not None and answer.text in done.generated
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     routers = {k: v for k, v in saved.items() if ".policy.routers." in k}
     assert len(routers) == 2 * 2  # weight and bias of the tiny recipe's 2 decoder layers

@@ -5,7 +5,6 @@ tests/test_dropping.py, generation against FastV's single stage, the cost model'
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from skipvision.registry import BACKBONES, ENCODERS, SKIP_POLICIES
 from skipvision.skip.layout import SlotLayout
 from skipvision.skip.policies.base import DropStage
 
+from .cli_runs import PROMPT, fit_and_generate
 from .conftest import TINY_RECIPE
-from .processes import run_cli
 from .test_costs import BENCH
 from .test_dropping import STAGES, reference_row
 from .test_model import make_batch
@@ -125,18 +124,12 @@ def test_fit_and_generate_through_the_cli(tiny_overrides: list[str], tmp_path: P
     """Two training steps with the drops on (3 layers, stages at 1 and 2), then ``generate``: the loss is finite, the
     answer comes back, and the cache keeps exactly the cost model's positions."""
     policy = ["model.skip.policy={name: pyramid_drop, layers: [1, 2]}", "model.backbone.config.num_hidden_layers=3"]
-    log = run_cli(["fit", "--recipe", str(TINY_RECIPE), *tiny_overrides, *policy], tmp_path / "fit.log", TIMEOUT_S)
-    run = tmp_path / "run"
-    rows = list(csv.DictReader(open(run / "logs" / "version_0" / "metrics.csv")))
-    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
-    assert losses and all(math.isfinite(x) for x in losses), log
+    done = fit_and_generate([*tiny_overrides, *policy], tmp_path, TIMEOUT_S, "--stats")
+    assert done.losses and all(math.isfinite(x) for x in done.losses), done.fit_log
 
-    image = tmp_path / "shape.png"
-    Image.new("RGB", (32, 32), (30, 200, 30)).save(image)
-    args = ["generate", "--checkpoint", str(run), "--image", str(image), "--prompt", "What colour is the circle?"]
-    out = run_cli([*args, "--max-new-tokens", "3", "--stats"], tmp_path / "generate.log", TIMEOUT_S).splitlines()
-    gen = VLMGenerator.from_checkpoint(run)
-    [answer] = gen.generate([Request("What colour is the circle?", image)], GenerationConfig(max_new_tokens=3))
+    out = done.generated
+    gen = VLMGenerator.from_checkpoint(done.run)
+    [answer] = gen.generate([Request(PROMPT, done.image)], GenerationConfig(max_new_tokens=3))
     stats = answer.stats
     per_position = stats.kv_bytes_prefill // stats.prompt_tokens
     cached = model_schedule(gen.model, stats.prompt_tokens - gen.model.num_image_tokens).cached

@@ -125,6 +125,14 @@ def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def subset_kwargs(kwargs: dict[str, Any], index: torch.Tensor, positions: torch.Tensor, mask: Any) -> dict[str, Any]:
+    """A decoder layer's kwargs for the subset ``index`` [B, T'] of the full sequence's positions: their (cos, sin)
+    gathered from the full sequence's, their true ``positions`` [B, T'] and the layer's ``mask`` built from them."""
+    cos, sin = kwargs["position_embeddings"]  # [B or 1, T, hd], the full sequence's
+    embeddings = (gather(cos, index), gather(sin, index))  # [B, T', hd] each
+    return {**kwargs, "attention_mask": mask, "position_embeddings": embeddings, "position_ids": positions}
+
+
 def compose(first: Removal, then: Removal) -> Removal:
     """``then`` (planned on ``first``'s survivors) in ``first``'s source positions. Fillers of ``first`` are never
     kept by ``then`` (the dropper counts them as dropped), so validity is ``then``'s."""
@@ -170,13 +178,8 @@ class Dropper:
                 args = self._reduce(args, kwargs)
         if self.removal is not None:
             index = self.removal.index.to(args[0].device)  # [B, T']
-            cos, sin = kwargs["position_embeddings"]  # [B or 1, T, hd], the full sequence's
-            kwargs = {
-                **kwargs,
-                "attention_mask": self.masks[self.adapter.layer_types[layer_index]],
-                "position_embeddings": (gather(cos, index), gather(sin, index)),  # [B, T', hd] each
-                "position_ids": self.positions,
-            }
+            mask = self.masks[self.adapter.layer_types[layer_index]]
+            kwargs = subset_kwargs(kwargs, index, self.positions, mask)
         stage = self.stages.get(layer_index + 1)
         if stage is not None:
             with record_function(f"skipvision::{self.label}_score"):

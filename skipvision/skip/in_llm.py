@@ -21,6 +21,7 @@ from skipvision.adapters import decoder_layers
 from skipvision.inference.kv import Removal, drop_cache_positions, kv_cache_bytes
 from skipvision.skip.dropping import Dropper, compose, dropping, policy_stages, trim_cache
 from skipvision.skip.ffn import SkipFFN
+from skipvision.skip.layout import SlotLayout
 
 if TYPE_CHECKING:
     from skipvision.model import Embedded, VisionLanguageModel
@@ -35,6 +36,15 @@ class Prefill:
     kv_bytes: int  # the cache's bytes right after the forward, before any removal
     layer_columns: list[Removal] | None = None  # per decoder layer, the prompt positions its cache holds, when the
     # method's layers ran on different rows (a whole-layer router); then ``removal`` is None
+
+
+def droppable(visual_slots: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
+    """[B, T] bool: the image slots of ``visual_slots`` [B, T] that an in-LLM drop may remove, the layout's
+    droppable slots of every image (the slots fill row-major, image after image)."""
+    candidates = torch.zeros_like(visual_slots)  # [B, T]
+    per_image = layout.drop_candidates(visual_slots.device)  # [K]
+    candidates[visual_slots] = per_image.repeat(int(visual_slots.sum()) // layout.slots)
+    return candidates
 
 
 def follow_survivors(skip: SkipFFN, ffn_mask: torch.Tensor, removal: Removal) -> None:
@@ -71,7 +81,7 @@ def method_steps(
             slots = torch.zeros_like(attention_mask, dtype=torch.bool) if slots is None else slots  # [B, T]
             policy.route(slots, attention_mask, positions)
         dropper = None
-        if stages and embedded.droppable is not None:
+        if stages and embedded.visual_slots is not None:
             follow = None if embedded.ffn_mask is None else partial(follow_survivors, skip, embedded.ffn_mask)
             label = type(policy).__name__.lower()  # names errors and profiler ranges
             drops = dropping(
@@ -79,7 +89,7 @@ def method_steps(
                 policy_stages(stages),
                 attention_mask,
                 positions,
-                embedded.droppable,
+                droppable(embedded.visual_slots, model.visual.layout),
                 labels,
                 query_index,
                 label,

@@ -35,7 +35,7 @@ from skipvision.costs import LayerTokens, TokenSchedule
 from skipvision.errors import MethodError
 from skipvision.inference.kv import Removal, prune_mask
 from skipvision.registry import SKIP_POLICIES
-from skipvision.skip.dropping import gather, lowest_scored
+from skipvision.skip.dropping import gather, lowest_scored, subset_kwargs
 from skipvision.skip.ffn import SkipFFN
 from skipvision.skip.layout import SlotLayout
 from skipvision.skip.policies.none import NoSkip
@@ -181,15 +181,8 @@ class ModRouter(NoSkip):
         reduced = gather(hidden, index)  # [B, T_l, D]
         positions = self._positions.to(hidden.device).gather(1, index)  # [B, T_l], true
         mask = prune_mask(self._mask, plan).to(hidden.device)  # [B, T_l], fillers 0
-        cos, sin = kwargs["position_embeddings"]  # [B or 1, T, hd]
-        masks = self._adapter.type_masks(reduced, positions, positions, mask)
-        kwargs = {
-            **kwargs,
-            "attention_mask": masks[self._adapter.layer_types[layer]],
-            "position_embeddings": (gather(cos, index), gather(sin, index)),
-            "position_ids": positions,
-        }
-        return (reduced, *args[1:]), kwargs
+        layer_mask = self._adapter.type_masks(reduced, positions, positions, mask)[self._adapter.layer_types[layer]]
+        return (reduced, *args[1:]), subset_kwargs(kwargs, index, positions, layer_mask)
 
     def _restore(self, layer: int, _module: nn.Module, _args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         """``layer`` mode, after decoder ``layer``: its output [B, T_l, D] back into its input [B, T, D]; the chosen
